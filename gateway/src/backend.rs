@@ -1,0 +1,187 @@
+//! Named backends: where a request goes, with which credentials, over which pooled client.
+//!
+//! The client's credentials never reach a backend: they are removed with the hop-by-hop headers
+//! and replaced by the backend's own (from an environment variable, marked sensitive so they are
+//! never printed).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
+use crate::context::{Operation, RequestContext, Route};
+use crate::error::GatewayError;
+use crate::subscription::KEY_QUERY_PARAM;
+
+pub struct Backend {
+    pub id: String,
+    pub kind: BackendKind,
+    /// The configured URL without a trailing slash.
+    base: String,
+    credential: Option<(HeaderName, HeaderValue)>,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("id", &self.id).field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the client
+/// used to authenticate to the gateway.
+const NOT_FORWARDED: [HeaderName; 13] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("ocp-apim-subscription-key"),
+];
+
+impl Backend {
+    /// Builds a backend from validated config (so the URL parses and the secret is present).
+    pub fn from_config(id: &str, config: &BackendConfig, env: EnvLookup<'_>) -> Result<Self, String> {
+        let secret = |var: &str| env(var).ok_or_else(|| format!("environment variable {var} is not set"));
+        let credential = match &config.auth {
+            BackendAuthConfig::None => None,
+            BackendAuthConfig::ApiKey { env: var, header } => {
+                let name = HeaderName::try_from(header.as_str()).map_err(|e| e.to_string())?;
+                Some((name, sensitive(&secret(var)?, var)?))
+            }
+            BackendAuthConfig::Bearer { env: var } => {
+                Some((header::AUTHORIZATION, sensitive(&format!("Bearer {}", secret(var)?), var)?))
+            }
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            // Redirects would re-send the backend's credentials elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            id: id.to_owned(),
+            kind: config.kind,
+            base: config.url.trim_end_matches('/').to_owned(),
+            credential,
+            timeout: config.timeout(),
+            client,
+        })
+    }
+
+    /// The configured base URL (never holds a secret: config validation forbids a query string).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The backend URL for this request.
+    pub fn url_for(&self, ctx: &RequestContext) -> String {
+        let op = match ctx.operation {
+            Operation::ChatCompletions => "chat/completions",
+            Operation::Embeddings => "embeddings",
+            Operation::ListModels => "models",
+            Operation::Passthrough => "",
+        };
+        let query = ctx.request.query.as_deref().filter(|q| !q.is_empty());
+        let (mut url, keep_api_version) = match (&ctx.request.route, self.kind) {
+            (Route::Passthrough { rest }, _) => (format!("{}{rest}", self.base), true),
+            (Route::AzureDeployment { deployment, .. }, BackendKind::AzureOpenai) => {
+                (format!("{}/openai/deployments/{}/{op}", self.base, encode_segment(deployment)), true)
+            }
+            (_, BackendKind::AzureOpenai) => (format!("{}/openai/v1/{op}", self.base), false),
+            (_, BackendKind::Openai) => (format!("{}/{op}", self.base), false),
+        };
+        let mut separator = '?';
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            let name = pair.split('=').next().unwrap_or("");
+            // The subscription key is the gateway's credential and never reaches a backend.
+            if pair.is_empty() || name == KEY_QUERY_PARAM || (!keep_api_version && name == "api-version") {
+                continue;
+            }
+            url.push(separator);
+            url.push_str(pair);
+            separator = '&';
+        }
+        url
+    }
+
+    /// Sends the request; the timeout bounds the whole exchange, body included.
+    pub async fn send(&self, ctx: &RequestContext, body: bytes::Bytes) -> Result<reqwest::Response, GatewayError> {
+        let mut headers = HeaderMap::with_capacity(ctx.request.headers.len() + 2);
+        for (name, value) in &ctx.request.headers {
+            // The gateway reads response bodies (usage), so they must arrive uncompressed.
+            if !NOT_FORWARDED.contains(name) && name != header::ACCEPT_ENCODING {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some((name, value)) = &self.credential {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Ok(id) = HeaderValue::try_from(ctx.request_id.as_str()) {
+            headers.insert(HeaderName::from_static("x-request-id"), id);
+        }
+        let request = self
+            .client
+            .request(ctx.request.method.clone(), self.url_for(ctx))
+            .headers(headers)
+            .timeout(self.timeout);
+        let request = if body.is_empty() { request } else { request.body(body) };
+        request.send().await.map_err(|e| self.error(&e))
+    }
+
+    /// Maps a transport error to what the client sees; the details (which may name internal
+    /// hosts) go to the log only.
+    pub fn error(&self, error: &reqwest::Error) -> GatewayError {
+        tracing::warn!(backend = %self.id, error = %error, source = ?std::error::Error::source(error), "backend request failed");
+        if error.is_timeout() {
+            GatewayError::BackendTimeout { backend: self.id.clone() }
+        } else {
+            let detail = if error.is_connect() { "could not connect" } else { "the connection failed" };
+            GatewayError::BackendUnavailable { backend: self.id.clone(), detail: detail.to_owned() }
+        }
+    }
+}
+
+fn sensitive(value: &str, var: &str) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::try_from(value)
+        .map_err(|_| format!("the value of {var} is not valid in an HTTP header"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Percent-encodes what may not stand in a path segment (a deployment name is client input).
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Response headers not passed back to the client: hop-by-hop ones, and the length, which the
+/// gateway sets itself.
+pub fn forwardable_response_header(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::CONNECTION | header::TRANSFER_ENCODING | header::CONTENT_LENGTH | header::TRAILER | header::UPGRADE
+    ) && name.as_str() != "keep-alive"
+}

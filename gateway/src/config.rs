@@ -1,0 +1,464 @@
+//! The gateway's configuration document: typed, strict (`deny_unknown_fields`) and validated once at
+//! start-up. Every error names the path of the offending field, e.g. `apis.aoai.inbound[1].backend-id`.
+//!
+//! Two passes: serde (with `serde_path_to_error`) catches shape errors, then [`Config::validate`]
+//! catches what serde cannot see: references between sections, key formats, missing environment
+//! variables. Secrets are only ever read from the environment through the lookup passed in, so
+//! tests and the quickstart can supply them without touching the process environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionConfig>,
+    pub apis: BTreeMap<String, ApiConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ServerConfig {
+    /// Overridden by `--listen` / `AIGW_LISTEN`.
+    pub listen: SocketAddr,
+    /// Request bodies above this size are refused with 413 before they are parsed.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests (streams included) may run after SIGTERM before the process exits.
+    pub shutdown_grace_secs: u64,
+    /// One JSON line per request on stdout.
+    pub request_log: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            request_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// OpenAI or any OpenAI-compatible server; `url` ends where `/chat/completions` starts
+    /// (e.g. `https://api.openai.com/v1`).
+    Openai,
+    /// An Azure OpenAI resource; `url` is the resource endpoint (e.g. `https://x.openai.azure.com`).
+    AzureOpenai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackendConfig {
+    pub url: String,
+    pub kind: BackendKind,
+    #[serde(default)]
+    pub auth: BackendAuthConfig,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Bounds the whole exchange, streamed body included (and so the drain after a client left).
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_timeout_secs() -> u64 {
+    300
+}
+
+impl BackendConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// How the gateway authenticates to a backend. Secrets come from environment variables only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
+pub enum BackendAuthConfig {
+    #[default]
+    None,
+    /// `api-key: <value>` (Azure OpenAI's key header), or another header named by `header`.
+    ApiKey {
+        env: String,
+        #[serde(default = "default_api_key_header")]
+        header: String,
+    },
+    /// `Authorization: Bearer <value>`.
+    Bearer { env: String },
+}
+
+fn default_api_key_header() -> String {
+    "api-key".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SubscriptionConfig {
+    pub id: String,
+    pub name: String,
+    pub team: String,
+    /// API ids this subscription may call; `"*"` means all.
+    pub apis: Vec<String>,
+    /// Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Name of an environment variable that holds the plain key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiKind {
+    /// Serves the OpenAI routes (`/v1/...`) and the Azure OpenAI routes (`/openai/...`) under `path`.
+    Openai,
+    /// Forwards every method and sub-path under `path` to the backend (agent APIs, MCP servers).
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ApiConfig {
+    pub kind: ApiKind,
+    /// Path prefix, `""` or `/something`.
+    #[serde(default)]
+    pub path: String,
+    /// The backend used unless an inbound `set-backend-service` picks another.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Like API Management's "subscription required": on unless switched off explicitly.
+    #[serde(default = "yes")]
+    pub subscription_required: bool,
+    #[serde(default)]
+    pub inbound: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub outbound: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub on_error: Vec<PolicyConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One entry of a policy section. New policies add a variant here and a module under `policy/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PolicyConfig {
+    SetHeader(SetHeaderConfig),
+    SetBackendService(SetBackendServiceConfig),
+}
+
+impl PolicyConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SetHeader(_) => "set-header",
+            Self::SetBackendService(_) => "set-backend-service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetHeaderConfig {
+    pub name: String,
+    /// A template: literal text with `{subscription.id}`-style placeholders (see `policy::template`).
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub exists_action: ExistsAction,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExistsAction {
+    #[default]
+    Override,
+    Skip,
+    Append,
+    Delete,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetBackendServiceConfig {
+    pub backend_id: String,
+}
+
+/// A configuration error: where, and what is wrong there.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Looks up an environment variable; injected so secrets can be supplied without the process env.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::at("", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, env)
+    }
+
+    /// Parses and validates a TOML document.
+    pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::at("", e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            // toml's message carries the line and a caret under the bad text.
+            ConfigError::at(path, e.into_inner().to_string().trim_end().to_owned())
+        })?;
+        config.validate(env)?;
+        Ok(config)
+    }
+
+    fn validate(&self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError::at("server.max-body-bytes", "must be greater than 0"));
+        }
+        for (id, backend) in &self.backends {
+            let at = |field: &str| format!("backends.{id}.{field}");
+            let url = reqwest::Url::parse(&backend.url)
+                .map_err(|e| ConfigError::at(at("url"), format!("not a URL ({e}): {:?}", backend.url)))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ConfigError::at(at("url"), format!("must be an http(s) URL with a host: {:?}", backend.url)));
+            }
+            if url.query().is_some() {
+                return Err(ConfigError::at(at("url"), "must not carry a query string"));
+            }
+            if backend.timeout_secs == 0 || backend.connect_timeout_ms == 0 {
+                return Err(ConfigError::at(at("timeout-secs"), "timeouts must be greater than 0"));
+            }
+            match &backend.auth {
+                BackendAuthConfig::None => {}
+                BackendAuthConfig::ApiKey { env: var, header } => {
+                    http::HeaderName::try_from(header.as_str())
+                        .map_err(|_| ConfigError::at(at("auth.header"), format!("not a header name: {header:?}")))?;
+                    require_env(env, var, &at("auth.env"))?;
+                }
+                BackendAuthConfig::Bearer { env: var } => require_env(env, var, &at("auth.env"))?,
+            }
+        }
+
+        let mut subscription_ids = std::collections::HashSet::new();
+        for (i, sub) in self.subscriptions.iter().enumerate() {
+            let at = |field: &str| format!("subscriptions[{i}].{field}");
+            if sub.id.trim().is_empty() {
+                return Err(ConfigError::at(at("id"), "must not be empty"));
+            }
+            if !subscription_ids.insert(sub.id.as_str()) {
+                return Err(ConfigError::at(at("id"), format!("duplicate subscription id {:?}", sub.id)));
+            }
+            if sub.team.trim().is_empty() {
+                return Err(ConfigError::at(at("team"), "must not be empty"));
+            }
+            for (j, api) in sub.apis.iter().enumerate() {
+                if api != "*" && !self.apis.contains_key(api) {
+                    return Err(ConfigError::at(at(&format!("apis[{j}]")), unknown("API", api, self.apis.keys())));
+                }
+            }
+            match (&sub.key_sha256, &sub.key_env) {
+                (Some(hash), None) => {
+                    let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+                    if !valid {
+                        return Err(ConfigError::at(at("key-sha256"), "must be 64 hex digits (the SHA-256 of the key)"));
+                    }
+                }
+                (None, Some(var)) => require_env(env, var, &at("key-env"))?,
+                _ => return Err(ConfigError::at(at("key-sha256"), "set exactly one of key-sha256 and key-env")),
+            }
+        }
+
+        let mut paths = std::collections::HashMap::new();
+        for (id, api) in &self.apis {
+            let at = |field: &str| format!("apis.{id}.{field}");
+            let path_ok = api.path.is_empty()
+                || (api.path.starts_with('/') && !api.path.ends_with('/') && !api.path.contains(['{', '}', '*', '?']));
+            if !path_ok {
+                return Err(ConfigError::at(at("path"), "must be empty or start with '/' and not end with '/'"));
+            }
+            if api.kind == ApiKind::Http && api.path.is_empty() {
+                return Err(ConfigError::at(at("path"), "an http API needs a path prefix such as \"/agents\""));
+            }
+            if let Some(other) = paths.insert(api.path.as_str(), id) {
+                return Err(ConfigError::at(at("path"), format!("{:?} is already used by API {other:?}", api.path)));
+            }
+            if let Some(backend) = api.backend.as_ref().filter(|b| !self.backends.contains_key(*b)) {
+                return Err(ConfigError::at(at("backend"), unknown("backend", backend, self.backends.keys())));
+            }
+            let sections = [("inbound", &api.inbound), ("outbound", &api.outbound), ("on-error", &api.on_error)];
+            let mut picks_backend = false;
+            for (section, policies) in sections {
+                for (i, policy) in policies.iter().enumerate() {
+                    let at = |field: &str| format!("apis.{id}.{section}[{i}].{field}");
+                    match policy {
+                        PolicyConfig::SetBackendService(p) => {
+                            if section != "inbound" {
+                                return Err(ConfigError::at(at("policy"), "set-backend-service belongs in inbound"));
+                            }
+                            if !self.backends.contains_key(&p.backend_id) {
+                                return Err(ConfigError::at(
+                                    at("backend-id"),
+                                    unknown("backend", &p.backend_id, self.backends.keys()),
+                                ));
+                            }
+                            picks_backend = true;
+                        }
+                        PolicyConfig::SetHeader(p) => {
+                            crate::policy::set_header::SetHeader::new(p).map_err(|msg| ConfigError::at(at("name"), msg))?;
+                        }
+                    }
+                }
+            }
+            if api.backend.is_none() && !picks_backend {
+                return Err(ConfigError::at(at("backend"), "set a backend, or add a set-backend-service policy to inbound"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn require_env(env: EnvLookup<'_>, var: &str, path: &str) -> Result<(), ConfigError> {
+    match env(var) {
+        Some(value) if !value.is_empty() => Ok(()),
+        _ => Err(ConfigError::at(path, format!("environment variable {var} is not set"))),
+    }
+}
+
+fn unknown<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a String>) -> String {
+    let known: Vec<&str> = known.map(String::as_str).collect();
+    format!("unknown {what} {name:?} (known: {})", known.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MINIMAL: &str = r#"
+        [backends.sim]
+        url = "http://127.0.0.1:8081/v1"
+        kind = "openai"
+
+        [[subscriptions]]
+        id = "s1"
+        name = "Team A app"
+        team = "a"
+        apis = ["aoai"]
+        key-sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+        [apis.aoai]
+        kind = "openai"
+        backend = "sim"
+        outbound = [{ policy = "set-header", name = "x-team", value = "{subscription.team}" }]
+    "#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, &no_env).expect_err("config should be rejected").to_string()
+    }
+
+    #[test]
+    fn minimal_document_is_valid() {
+        let config = Config::parse(MINIMAL, &no_env).expect("valid");
+        assert_eq!(config.server.listen.port(), 8080);
+        assert!(config.apis["aoai"].subscription_required);
+        assert_eq!(config.apis["aoai"].outbound[0].name(), "set-header");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let text = MINIMAL.replace("backend = \"sim\"", "backend = \"sim\"\nbakend = 1");
+        let message = err(&text);
+        assert!(message.starts_with("apis.aoai.bakend: "), "{message}");
+        assert!(message.contains("bakend"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let text = MINIMAL.replace("[backends.sim]", "[server]\nmax-body-bytes = \"big\"\n\n[backends.sim]");
+        let message = err(&text);
+        assert!(message.starts_with("server.max-body-bytes: "), "{message}");
+    }
+
+    #[test]
+    fn bad_policy_field_names_the_policy() {
+        let text = MINIMAL.replace("value = \"{subscription.team}\"", "valeu = \"x\"");
+        let message = err(&text);
+        assert!(message.starts_with("apis.aoai.outbound[0]"), "{message}");
+        assert!(message.contains("valeu"), "{message}");
+    }
+
+    #[test]
+    fn references_are_checked() {
+        assert!(err(&MINIMAL.replace("backend = \"sim\"", "backend = \"nope\"")).starts_with("apis.aoai.backend: unknown backend \"nope\""));
+        assert!(err(&MINIMAL.replace("apis = [\"aoai\"]", "apis = [\"mcp\"]")).starts_with("subscriptions[0].apis[0]: unknown API"));
+        assert!(err(&MINIMAL.replace("key-sha256 = \"9f", "key-sha256 = \"zz")).starts_with("subscriptions[0].key-sha256"));
+        let placeholder = err(&MINIMAL.replace("{subscription.team}", "{subscription.tema}"));
+        assert!(placeholder.starts_with("apis.aoai.outbound[0]"), "{placeholder}");
+    }
+
+    #[test]
+    fn key_env_must_be_set() {
+        let text = MINIMAL.replace(
+            "key-sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+            "key-env = \"TEST_KEY\"",
+        );
+        assert_eq!(err(&text), "subscriptions[0].key-env: environment variable TEST_KEY is not set");
+        let env = |name: &str| (name == "TEST_KEY").then(|| "secret".to_owned());
+        Config::parse(&text, &env).expect("valid once the variable is set");
+    }
+
+    #[test]
+    fn shipped_policy_documents_are_valid() {
+        let env = |_: &str| Some("value".to_owned());
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")).expect("policies/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path, &env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
+    }
+}

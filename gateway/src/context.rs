@@ -1,0 +1,134 @@
+//! The typed state of one request as it moves through the pipeline.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+
+use crate::backend::Backend;
+use crate::error::GatewayError;
+use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use crate::subscription::Subscription;
+
+/// What the client called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Embeddings,
+    ListModels,
+    /// Any method and path under an `http` API's prefix.
+    Passthrough,
+}
+
+impl Operation {
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat-completions",
+            Self::Embeddings => "embeddings",
+            Self::ListModels => "list-models",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// Which family of routes the request came in on; decides how the backend URL is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/...`
+    OpenAi,
+    /// `/openai/deployments/{deployment}/...?api-version=...`
+    AzureDeployment { deployment: String },
+    /// `/openai/v1/...`
+    AzureV1,
+    /// Under an `http` API's prefix; the rest of the path (starting with `/`, or empty).
+    Passthrough { rest: String },
+}
+
+/// The API a request belongs to, as policies see it.
+#[derive(Debug)]
+pub struct ApiInfo {
+    pub id: String,
+}
+
+/// The body as the pipeline knows it: unread until a policy or the backend call needs it (the
+/// unread stream itself stays with the pipeline: it is not `Sync`, the context must be).
+pub enum RequestBody {
+    Unread,
+    Read { raw: Bytes, payload: Payload },
+}
+
+/// The parsed request, for the operations whose body the gateway reads.
+#[derive(Debug)]
+pub enum Payload {
+    Chat(ChatRequest),
+    Embeddings(EmbeddingsRequest),
+    /// Forwarded as it came (models listing, passthrough APIs).
+    Opaque,
+}
+
+pub struct InboundRequest {
+    pub method: Method,
+    /// Without the query string.
+    pub path: String,
+    /// The query string as the client sent it (it may hold the subscription key: the backend URL
+    /// and the request log leave it out).
+    pub query: Option<String>,
+    /// The client's headers; inbound policies may edit them. Credentials and hop-by-hop headers
+    /// are removed when the backend request is built.
+    pub headers: HeaderMap,
+    pub route: Route,
+    pub body: RequestBody,
+}
+
+pub struct RequestContext {
+    pub request_id: String,
+    pub started: Instant,
+    pub client_ip: IpAddr,
+    pub api: Arc<ApiInfo>,
+    pub operation: Operation,
+    pub request: InboundRequest,
+    pub subscription: Option<Arc<Subscription>>,
+    pub backend: Option<Arc<Backend>>,
+    pub usage: Option<Usage>,
+    /// Named values policies hand to later policies.
+    pub variables: HashMap<String, String>,
+    pub outcome: Outcome,
+}
+
+/// How the exchange ended, for the completion phase and the request log.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub status: u16,
+    pub error: Option<GatewayError>,
+    /// Time until the response head was handed to the client.
+    pub first_byte_us: u64,
+    /// A streamed response lost its client before the end (the backend was still read to the end).
+    pub client_disconnected: bool,
+    /// The backend's stream ended without `[DONE]` or broke off.
+    pub stream_incomplete: bool,
+}
+
+impl RequestContext {
+    pub fn payload(&self) -> Option<&Payload> {
+        match &self.request.body {
+            RequestBody::Read { payload, .. } => Some(payload),
+            _ => None,
+        }
+    }
+
+    /// The model the client asked for: the body's `model`, else the deployment name.
+    pub fn model(&self) -> Option<&str> {
+        let from_body = match self.payload() {
+            Some(Payload::Chat(chat)) => chat.model.as_deref(),
+            Some(Payload::Embeddings(embeddings)) => embeddings.model.as_deref(),
+            _ => None,
+        };
+        from_body.or(match &self.request.route {
+            Route::AzureDeployment { deployment, .. } => Some(deployment.as_str()),
+            _ => None,
+        })
+    }
+}

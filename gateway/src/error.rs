@@ -1,0 +1,159 @@
+//! Every error a client can see, and the one place that renders them as HTTP.
+//!
+//! Bodies follow OpenAI's shape, `{"error":{"message","type","param","code"}}`, so the official SDKs
+//! raise their own error types, and also carry API Management's `statusCode` and `message`, so
+//! clients written against APIM read them too. Messages never contain secrets: a subscription key
+//! or backend key is never put into an error.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// API Management's wording for the two 401s.
+pub const MISSING_KEY_MESSAGE: &str =
+    "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
+pub const INVALID_KEY_MESSAGE: &str =
+    "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    MissingSubscriptionKey,
+    InvalidSubscriptionKey,
+    /// The request is malformed; `param` names the offending field like OpenAI does.
+    InvalidRequest { message: String, param: Option<&'static str> },
+    BodyTooLarge { limit: usize },
+    NotFound { method: String, path: String },
+    MethodNotAllowed,
+    /// The backend could not be reached or broke the exchange off.
+    BackendUnavailable { backend: String, detail: String },
+    BackendTimeout { backend: String },
+    ShuttingDown,
+    Internal,
+}
+
+impl GatewayError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::InvalidRequest { message: message.into(), param }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingSubscriptionKey | Self::InvalidSubscriptionKey => StatusCode::UNAUTHORIZED,
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BackendUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable code; also what the request log records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingSubscriptionKey => "missing_subscription_key",
+            Self::InvalidSubscriptionKey => "invalid_subscription_key",
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::NotFound { .. } => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BackendUnavailable { .. } => "backend_unavailable",
+            Self::BackendTimeout { .. } => "backend_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::MissingSubscriptionKey => MISSING_KEY_MESSAGE.to_owned(),
+            Self::InvalidSubscriptionKey => INVALID_KEY_MESSAGE.to_owned(),
+            Self::InvalidRequest { message, .. } => message.clone(),
+            Self::BodyTooLarge { limit } => format!("Request body is larger than the gateway's limit of {limit} bytes."),
+            // OpenAI's own wording, which the SDKs and their users recognise.
+            Self::NotFound { method, path } => format!("Invalid URL ({method} {path})"),
+            Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),
+            Self::BackendUnavailable { backend, detail } => format!("Backend {backend:?} is unavailable: {detail}"),
+            Self::BackendTimeout { backend } => format!("Backend {backend:?} did not answer in time."),
+            Self::ShuttingDown => "The gateway is shutting down; retry on another instance.".to_owned(),
+            Self::Internal => "The gateway hit an internal error.".to_owned(),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest { param, .. } => *param,
+            _ => None,
+        }
+    }
+
+    /// The JSON body, shared by the HTTP rendering and by error events written into streams.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            r#type: &'static str,
+            param: Option<&'static str>,
+            code: &'static str,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            error: Inner<'a>,
+            status_code: u16,
+            message: &'a str,
+        }
+        let message = self.message();
+        let body = Body {
+            error: Inner { message: &message, r#type: self.kind(), param: self.param(), code: self.code() },
+            status_code: self.status().as_u16(),
+            message: &message,
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.body()).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.extensions_mut().insert(ErrorCode(self.code()));
+        response
+    }
+}
+
+/// Marks a response as a gateway error so the request log can say which one.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openai_and_apim_shapes() {
+        let error = GatewayError::invalid("'messages' must be an array", Some("messages"));
+        let value: serde_json::Value = serde_json::from_slice(&error.body()).expect("json");
+        assert_eq!(value["error"]["message"], "'messages' must be an array");
+        assert_eq!(value["error"]["type"], "invalid_request_error");
+        assert_eq!(value["error"]["param"], "messages");
+        assert_eq!(value["error"]["code"], "invalid_request");
+        assert_eq!(value["statusCode"], 400);
+        assert_eq!(value["message"], "'messages' must be an array");
+        let unauthorized: serde_json::Value =
+            serde_json::from_slice(&GatewayError::MissingSubscriptionKey.body()).expect("json");
+        assert_eq!(unauthorized["error"]["param"], serde_json::Value::Null);
+        assert_eq!(unauthorized["statusCode"], 401);
+    }
+}

@@ -1,0 +1,15 @@
+//! aigw: an AI gateway that reproduces API Management's AI policy chain in front of OpenAI-compatible
+//! and Azure OpenAI backends. `server` is the front door, `policy` the pipeline each request runs
+//! through, `config` the document that declares it all.
+
+pub mod access_log;
+pub mod backend;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod openai;
+pub mod policy;
+pub mod quickstart;
+pub mod server;
+pub mod sse;
+pub mod subscription;

@@ -1,0 +1,315 @@
+//! Policies and the pipeline that runs them, in API Management's phases.
+//!
+//! For each request the pipeline runs, in this order:
+//!
+//! 1. **inbound**: the API's inbound policies in configured order. Subscription-key auth comes
+//!    first wherever a subscription is required (before the body is read). A policy may answer on
+//!    its own (`Flow::Respond`: a cache hit) or refuse (`Err`: a 401, a 429).
+//! 2. **backend**: the request goes to the backend chosen by `set-backend-service` or the API's
+//!    default; streams always ask for usage.
+//! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
+//! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
+//! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
+//!    client left), with the usage known. Accounting (token limits, metrics, the ledger) hooks in
+//!    here. Then the request log line is written.
+//!
+//! The whole run happens in a task of its own, so a client that disconnects cannot cut steps 2-5
+//! short; graceful shutdown waits for these tasks.
+//!
+//! Adding a policy: a module here implementing [`Policy`], a variant in `config::PolicyConfig`,
+//! and a line in [`build_policy`].
+
+pub mod set_backend_service;
+pub mod set_header;
+pub mod subscription_key;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use http::{HeaderName, header};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::access_log::RequestLog;
+use crate::backend::{Backend, forwardable_response_header};
+use crate::config::{ApiConfig, BackendKind, PolicyConfig};
+use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
+use crate::error::GatewayError;
+use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
+use crate::sse::SseRelay;
+use crate::subscription::SubscriptionStore;
+
+pub type ResponseHead = http::response::Parts;
+
+/// What an inbound policy decided.
+pub enum Flow {
+    Continue,
+    /// Answer the client now, without calling the backend.
+    Respond(Response),
+}
+
+/// One policy. Each phase has a default that does nothing, so a policy implements only the
+/// phases it acts in; the pipeline calls the phase of the section it is configured in.
+#[async_trait]
+pub trait Policy: Send + Sync {
+    /// Whether `inbound` needs the request body read and parsed first.
+    fn reads_body(&self) -> bool {
+        true
+    }
+
+    async fn inbound(&self, _ctx: &mut RequestContext) -> Result<Flow, GatewayError> {
+        Ok(Flow::Continue)
+    }
+
+    async fn outbound(&self, _ctx: &mut RequestContext, _response: &mut ResponseHead) -> Result<(), GatewayError> {
+        Ok(())
+    }
+
+    async fn on_error(&self, _ctx: &mut RequestContext, _error: &GatewayError, _response: &mut ResponseHead) {}
+
+    async fn completed(&self, _ctx: &RequestContext) {}
+}
+
+/// An API's policies, ready to run.
+pub struct Pipeline {
+    pub api: Arc<ApiInfo>,
+    inbound: Vec<Box<dyn Policy>>,
+    outbound: Vec<Box<dyn Policy>>,
+    on_error: Vec<Box<dyn Policy>>,
+    default_backend: Option<Arc<Backend>>,
+    max_body_bytes: usize,
+    log: RequestLog,
+}
+
+fn build_policy(config: &PolicyConfig, backends: &BTreeMap<String, Arc<Backend>>) -> Result<Box<dyn Policy>, String> {
+    Ok(match config {
+        PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
+        PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
+            backend: backends.get(&c.backend_id).cloned().ok_or_else(|| format!("unknown backend {:?}", c.backend_id))?,
+        }),
+    })
+}
+
+impl Pipeline {
+    /// Builds an API's pipeline from validated config.
+    pub fn build(
+        id: &str,
+        config: &ApiConfig,
+        backends: &BTreeMap<String, Arc<Backend>>,
+        subscriptions: &Arc<SubscriptionStore>,
+        max_body_bytes: usize,
+        log: RequestLog,
+    ) -> Result<Self, String> {
+        let section = |policies: &[PolicyConfig]| -> Result<Vec<Box<dyn Policy>>, String> {
+            policies.iter().map(|p| build_policy(p, backends)).collect()
+        };
+        let mut inbound: Vec<Box<dyn Policy>> = Vec::new();
+        if config.subscription_required {
+            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth { store: subscriptions.clone() }));
+        }
+        inbound.extend(section(&config.inbound)?);
+        Ok(Self {
+            api: Arc::new(ApiInfo { id: id.to_owned() }),
+            inbound,
+            outbound: section(&config.outbound)?,
+            on_error: section(&config.on_error)?,
+            default_backend: config.backend.as_ref().and_then(|b| backends.get(b).cloned()),
+            max_body_bytes,
+            log,
+        })
+    }
+
+    /// Runs one request from inbound to completed. The response goes out through `reply` as soon
+    /// as it is ready; the rest (stream relay, accounting, log) continues after.
+    pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body, reply: oneshot::Sender<Response>) {
+        let (response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
+            Ok(ready) => ready,
+            Err(error) => (self.error_response(&mut ctx, error).await, None),
+        };
+        ctx.outcome.status = response.status().as_u16();
+        ctx.outcome.first_byte_us = elapsed_us(&ctx);
+        // The client may be gone already; the exchange is still completed and accounted for.
+        let _ = reply.send(response);
+        if let Some(stream) = stream {
+            stream.relay(&mut ctx).await;
+        }
+        for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
+            policy.completed(&ctx).await;
+        }
+        self.log.record(&ctx);
+    }
+
+    async fn respond(
+        &self,
+        ctx: &mut RequestContext,
+        body: &mut Option<Body>,
+    ) -> Result<(Response, Option<StreamRelay>), GatewayError> {
+        for policy in &self.inbound {
+            if policy.reads_body() {
+                self.read_body(ctx, body).await?;
+            }
+            if let Flow::Respond(response) = policy.inbound(ctx).await? {
+                return Ok((response, None));
+            }
+        }
+        self.read_body(ctx, body).await?;
+        self.forward(ctx).await
+    }
+
+    /// Reads and validates the body once, on first need.
+    async fn read_body(&self, ctx: &mut RequestContext, body: &mut Option<Body>) -> Result<(), GatewayError> {
+        let Some(body) = body.take() else { return Ok(()) };
+        let declared = ctx.request.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
+            return Err(GatewayError::BodyTooLarge { limit: self.max_body_bytes });
+        }
+        let raw = axum::body::to_bytes(body, self.max_body_bytes).await.map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                GatewayError::BodyTooLarge { limit: self.max_body_bytes }
+            } else {
+                GatewayError::invalid("The request body could not be read.", None)
+            }
+        })?;
+        let deployment = match &ctx.request.route {
+            Route::AzureDeployment { deployment } => {
+                let has_api_version = ctx.request.query.as_deref().is_some_and(|q| {
+                    q.split('&').any(|pair| pair.split_once('=').is_some_and(|(k, v)| k == "api-version" && !v.is_empty()))
+                });
+                if !has_api_version {
+                    return Err(GatewayError::invalid(
+                        "Missing required query parameter 'api-version' (e.g. ?api-version=2024-10-21).",
+                        Some("api-version"),
+                    ));
+                }
+                Some(deployment.as_str())
+            }
+            _ => None,
+        };
+        let payload = match ctx.operation {
+            Operation::ChatCompletions => Payload::Chat(ChatRequest::parse(&raw, deployment)?),
+            Operation::Embeddings => Payload::Embeddings(EmbeddingsRequest::parse(&raw, deployment)?),
+            Operation::ListModels | Operation::Passthrough => Payload::Opaque,
+        };
+        ctx.request.body = RequestBody::Read { raw, payload };
+        Ok(())
+    }
+
+    async fn forward(&self, ctx: &mut RequestContext) -> Result<(Response, Option<StreamRelay>), GatewayError> {
+        let backend = ctx.backend.clone().or_else(|| self.default_backend.clone()).ok_or(GatewayError::Internal)?;
+        ctx.backend = Some(backend.clone());
+        let body = backend_body(ctx, &backend);
+        let upstream = backend.send(ctx, body).await?;
+
+        let mut head = Response::new(()).into_parts().0;
+        head.status = upstream.status();
+        for (name, value) in upstream.headers() {
+            if name == "x-request-id" {
+                // The gateway's own id goes out under this name; keep the backend's for support cases.
+                head.headers.append(HeaderName::from_static("x-backend-request-id"), value.clone());
+            } else if forwardable_response_header(name) {
+                head.headers.append(name.clone(), value.clone());
+            }
+        }
+
+        let event_stream = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if event_stream && head.status.is_success() {
+            for policy in &self.outbound {
+                policy.outbound(ctx, &mut head).await?;
+            }
+            let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
+            let (tx, rx) = mpsc::channel(32);
+            let relay = StreamRelay { upstream, relay: SseRelay::new(strip_usage), tx, backend };
+            let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            return Ok((Response::from_parts(head, body), Some(relay)));
+        }
+
+        let bytes = upstream.bytes().await.map_err(|e| backend.error(&e))?;
+        if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
+            ctx.usage = usage_of_response(&bytes);
+        }
+        for policy in &self.outbound {
+            policy.outbound(ctx, &mut head).await?;
+        }
+        Ok((Response::from_parts(head, Body::from(bytes)), None))
+    }
+
+    async fn error_response(&self, ctx: &mut RequestContext, error: GatewayError) -> Response {
+        let (mut head, body) = error.clone().into_response().into_parts();
+        for policy in &self.on_error {
+            policy.on_error(ctx, &error, &mut head).await;
+        }
+        ctx.outcome.error = Some(error);
+        Response::from_parts(head, body)
+    }
+}
+
+/// The body the backend gets: the client's, unless streams need usage or the backend needs the
+/// deployment name as the model.
+fn backend_body(ctx: &RequestContext, backend: &Backend) -> bytes::Bytes {
+    let RequestBody::Read { raw, payload } = &ctx.request.body else { return bytes::Bytes::new() };
+    let model_to_add = match (&ctx.request.route, backend.kind) {
+        (Route::AzureDeployment { deployment, .. }, BackendKind::Openai) => Some(deployment.as_str()),
+        _ => None,
+    };
+    match payload {
+        Payload::Chat(chat) => chat.backend_body(raw, model_to_add),
+        Payload::Embeddings(embeddings) => embeddings.backend_body(raw, model_to_add),
+        Payload::Opaque => raw.clone(),
+    }
+}
+
+fn elapsed_us(ctx: &RequestContext) -> u64 {
+    u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Moves a streamed response from the backend to the client.
+struct StreamRelay {
+    upstream: reqwest::Response,
+    relay: SseRelay,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    backend: Arc<Backend>,
+}
+
+impl StreamRelay {
+    /// Relays until the backend's body ends. A client that leaves (or stops reading until the
+    /// backend's deadline) is let go, but the backend is read to its end so the usage is known.
+    async fn relay(self, ctx: &mut RequestContext) {
+        let Self { upstream, mut relay, tx, backend } = self;
+        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
+        let mut body = upstream.bytes_stream();
+        let mut client_gone = false;
+        loop {
+            let (out, ended) = match body.next().await {
+                Some(Ok(bytes)) => (relay.push(&bytes), false),
+                None => (relay.finish(), true),
+                Some(Err(error)) => {
+                    backend.error(&error);
+                    if !client_gone {
+                        // Breaking the client's connection tells it the stream is incomplete;
+                        // a clean end would pass a truncated answer off as whole.
+                        let _ = tx.send(Err(std::io::Error::other("backend stream broke off"))).await;
+                    }
+                    break;
+                }
+            };
+            if !out.is_empty() && !client_gone {
+                let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
+                client_gone = !matches!(sent, Ok(Ok(())));
+            }
+            if ended {
+                break;
+            }
+        }
+        ctx.usage = relay.usage();
+        ctx.outcome.client_disconnected = client_gone;
+        ctx.outcome.stream_incomplete = !relay.saw_done();
+    }
+}

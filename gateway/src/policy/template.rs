@@ -1,0 +1,139 @@
+//! Values computed per request from the context: literal text with placeholders such as
+//! `{subscription.id}` or `{request.header.x-user}`. Parsed once at start-up, so an unknown
+//! placeholder is a configuration error, and rendering is a walk over pre-split segments.
+//!
+//! Placeholders: `subscription.id`, `subscription.name`, `subscription.team`, `api.id`,
+//! `operation.id`, `request.id`, `client.ip`, `model`, `backend.id`, `request.header.<name>`,
+//! `variable.<name>`. `{{` and `}}` stand for literal braces.
+
+use std::fmt::Write;
+
+use http::HeaderName;
+
+use crate::context::RequestContext;
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Literal(String),
+    SubscriptionId,
+    SubscriptionName,
+    Team,
+    ApiId,
+    OperationId,
+    RequestId,
+    ClientIp,
+    Model,
+    BackendId,
+    Header(HeaderName),
+    Variable(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Template {
+    segments: Vec<Segment>,
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut segments = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find(['{', '}']) {
+            literal.push_str(&rest[..i]);
+            let brace = rest.as_bytes()[i];
+            let after = &rest[i + 1..];
+            if after.as_bytes().first() == Some(&brace) {
+                literal.push(brace as char);
+                rest = &after[1..];
+                continue;
+            }
+            if brace == b'}' {
+                return Err(format!("unmatched '}}' in {text:?} (write '}}}}' for a literal brace)"));
+            }
+            let end = after.find('}').ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
+            if !literal.is_empty() {
+                segments.push(Segment::Literal(std::mem::take(&mut literal)));
+            }
+            segments.push(placeholder(after[..end].trim())?);
+            rest = &after[end + 1..];
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            segments.push(Segment::Literal(literal));
+        }
+        Ok(Self { segments })
+    }
+
+    /// The value for this request; placeholders with no value (no subscription yet, a missing
+    /// header) render as empty text.
+    pub fn render(&self, ctx: &RequestContext) -> String {
+        let mut out = String::new();
+        for segment in &self.segments {
+            let subscription = ctx.subscription.as_deref();
+            match segment {
+                Segment::Literal(text) => out.push_str(text),
+                Segment::SubscriptionId => out.push_str(subscription.map_or("", |s| s.id.as_str())),
+                Segment::SubscriptionName => out.push_str(subscription.map_or("", |s| s.name.as_str())),
+                Segment::Team => out.push_str(subscription.map_or("", |s| s.team.as_str())),
+                Segment::ApiId => out.push_str(&ctx.api.id),
+                Segment::OperationId => out.push_str(ctx.operation.id()),
+                Segment::RequestId => out.push_str(&ctx.request_id),
+                Segment::ClientIp => {
+                    let _ = write!(out, "{}", ctx.client_ip);
+                }
+                Segment::Model => out.push_str(ctx.model().unwrap_or("")),
+                Segment::BackendId => out.push_str(ctx.backend.as_deref().map_or("", |b| b.id.as_str())),
+                Segment::Header(name) => {
+                    out.push_str(ctx.request.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or(""));
+                }
+                Segment::Variable(name) => out.push_str(ctx.variables.get(name).map_or("", String::as_str)),
+            }
+        }
+        out
+    }
+}
+
+fn placeholder(name: &str) -> Result<Segment, String> {
+    Ok(match name {
+        "subscription.id" => Segment::SubscriptionId,
+        "subscription.name" => Segment::SubscriptionName,
+        "subscription.team" | "team" => Segment::Team,
+        "api.id" => Segment::ApiId,
+        "operation.id" => Segment::OperationId,
+        "request.id" => Segment::RequestId,
+        "client.ip" => Segment::ClientIp,
+        "model" => Segment::Model,
+        "backend.id" => Segment::BackendId,
+        _ => {
+            if let Some(header) = name.strip_prefix("request.header.") {
+                let header = HeaderName::try_from(header).map_err(|_| format!("not a header name: {header:?}"))?;
+                Segment::Header(header)
+            } else if let Some(variable) = name.strip_prefix("variable.").filter(|v| !v.is_empty()) {
+                Segment::Variable(variable.to_owned())
+            } else {
+                return Err(format!(
+                    "unknown placeholder {{{name}}} (known: subscription.id, subscription.name, subscription.team, api.id, \
+                     operation.id, request.id, client.ip, model, backend.id, request.header.<name>, variable.<name>)"
+                ));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_placeholders_and_escapes() {
+        let template = Template::parse("team={team} {{literal}} id={subscription.id}").expect("valid");
+        assert_eq!(template.segments.len(), 4);
+        assert!(matches!(&template.segments[1], Segment::Team));
+        assert!(matches!(&template.segments[2], Segment::Literal(t) if t == " {literal} id="));
+        assert!(Template::parse("{request.header.x-user}").is_ok());
+        assert!(Template::parse("{subscription.tema}").expect_err("unknown").contains("unknown placeholder"));
+        assert!(Template::parse("{team").is_err());
+        assert!(Template::parse("team}").is_err());
+        assert!(Template::parse("{request.header.bad header}").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! The front door: routes, transport layers, and the listener's lifecycle.
+//!
+//! Layers, outermost first (transport concerns only; everything about the request's meaning is
+//! a policy in the API's pipeline):
+//!
+//! 1. catch-panic: a bug answers 500 in the OpenAI error shape instead of dropping the connection;
+//! 2. `x-gateway-instance` on every response;
+//! 3. request id: a fresh `x-request-id` for every request (a client's own id is not trusted, as
+//!    accounting is keyed by it), on the response and to the backend;
+//! 4. the router: `/health`, `/ready`, each API's routes (which hand the request to the API's
+//!    [`Pipeline`] in a task of its own), and OpenAI-shaped 404/405 fallbacks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, RawPathParams, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, any, get, post};
+use axum::serve::ListenerExt;
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use tokio::sync::{oneshot, watch};
+use tokio_util::task::TaskTracker;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::access_log::RequestLog;
+use crate::backend::Backend;
+use crate::config::{ApiKind, Config, ConfigError, EnvLookup};
+use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
+use crate::error::GatewayError;
+use crate::policy::Pipeline;
+use crate::subscription::SubscriptionStore;
+
+pub struct Gateway {
+    pub config: Config,
+    pub backends: BTreeMap<String, Arc<Backend>>,
+    apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    ready: AtomicBool,
+    tasks: TaskTracker,
+}
+
+/// The id that `x-gateway-instance` carries: App Service's instance id, else the host name,
+/// else a random id made at start-up.
+pub fn instance_id() -> String {
+    ["WEBSITE_INSTANCE_ID", "HOSTNAME"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| format!("aigw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    OpenAi,
+    AzureDeployment,
+    AzureV1,
+    Passthrough,
+}
+
+/// The OpenAI-kind routes, relative to the API's path prefix.
+const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
+    ("/v1/chat/completions", Operation::ChatCompletions, Family::OpenAi),
+    ("/v1/embeddings", Operation::Embeddings, Family::OpenAi),
+    ("/v1/models", Operation::ListModels, Family::OpenAi),
+    ("/openai/deployments/{deployment}/chat/completions", Operation::ChatCompletions, Family::AzureDeployment),
+    ("/openai/deployments/{deployment}/embeddings", Operation::Embeddings, Family::AzureDeployment),
+    ("/openai/v1/chat/completions", Operation::ChatCompletions, Family::AzureV1),
+    ("/openai/v1/embeddings", Operation::Embeddings, Family::AzureV1),
+    ("/openai/v1/models", Operation::ListModels, Family::AzureV1),
+];
+
+impl Gateway {
+    pub fn build(config: Config, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        let mut backends = BTreeMap::new();
+        for (id, backend) in &config.backends {
+            let built = Backend::from_config(id, backend, env).map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
+            backends.insert(id.clone(), Arc::new(built));
+        }
+        let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
+        let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
+        let mut apis = Vec::new();
+        for (id, api) in &config.apis {
+            let pipeline = Pipeline::build(id, api, &backends, &subscriptions, config.server.max_body_bytes, log.clone())
+                .map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
+            apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
+        }
+        let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
+        Ok(Self { config, backends, apis, shared })
+    }
+
+    pub fn router(&self, instance: &str) -> Router {
+        let ready_shared = self.shared.clone();
+        let backend_ids: Vec<String> = self.backends.keys().cloned().collect();
+        let mut router = Router::new()
+            .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
+            .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())));
+        for (kind, prefix, pipeline) in &self.apis {
+            match kind {
+                ApiKind::Openai => {
+                    for (path, operation, family) in OPENAI_ROUTES {
+                        let method_router = if operation == Operation::ListModels { get } else { post };
+                        let endpoint = self.endpoint(pipeline, operation, family, prefix);
+                        router = router.route(&format!("{prefix}{path}"), method_router(endpoint));
+                    }
+                }
+                ApiKind::Http => {
+                    let endpoint = self.endpoint(pipeline, Operation::Passthrough, Family::Passthrough, prefix);
+                    router = router
+                        .route(prefix, any(endpoint.clone()))
+                        .route(&format!("{prefix}/{{*rest}}"), any(endpoint));
+                }
+            }
+        }
+        let instance = HeaderValue::try_from(instance).unwrap_or(HeaderValue::from_static("aigw"));
+        router
+            .fallback(|method: Method, uri: Uri| async move {
+                GatewayError::NotFound { method: method.to_string(), path: uri.path().to_owned() }
+            })
+            .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
+            .layer(axum::middleware::from_fn(assign_request_id))
+            .layer(SetResponseHeaderLayer::overriding(HeaderName::from_static("x-gateway-instance"), instance))
+            .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response()))
+    }
+
+    /// The handler for one route of one API.
+    fn endpoint(&self, pipeline: &Arc<Pipeline>, operation: Operation, family: Family, prefix: &str) -> MethodRouter {
+        let pipeline = pipeline.clone();
+        let tasks = self.shared.tasks.clone();
+        let prefix_len = prefix.len();
+        let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, params: RawPathParams, request: Request| {
+            let pipeline = pipeline.clone();
+            let tasks = tasks.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let route = match family {
+                    Family::OpenAi => Route::OpenAi,
+                    Family::AzureV1 => Route::AzureV1,
+                    Family::AzureDeployment => Route::AzureDeployment {
+                        deployment: params.iter().find(|(k, _)| *k == "deployment").map(|(_, v)| v.to_owned()).unwrap_or_default(),
+                    },
+                    Family::Passthrough => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
+                };
+                let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
+                let ctx = RequestContext {
+                    request_id,
+                    started: Instant::now(),
+                    client_ip: peer.ip(),
+                    api: pipeline.api.clone(),
+                    operation,
+                    request: InboundRequest {
+                        method: parts.method,
+                        path: parts.uri.path().to_owned(),
+                        query: parts.uri.query().map(str::to_owned),
+                        headers: parts.headers,
+                        route,
+                        body: RequestBody::Unread,
+                    },
+                    subscription: None,
+                    backend: None,
+                    usage: None,
+                    variables: Default::default(),
+                    outcome: Outcome::default(),
+                };
+                let (reply, response) = oneshot::channel();
+                tasks.spawn(pipeline.run(ctx, body, reply));
+                // Only a panic in the pipeline drops `reply` unanswered.
+                response.await.unwrap_or_else(|_| GatewayError::Internal.into_response())
+            }
+        };
+        any(handler)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests (streams
+    /// included) and their accounting finish within the grace period, and returns.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        instance: &str,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
+        let shared = self.shared.clone();
+        let app = self.router(instance).into_make_service_with_connect_info::<SocketAddr>();
+        // Nagle's algorithm meeting delayed ACKs costs tens of milliseconds per response.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let (signalled, mut signal) = watch::channel(None::<tokio::time::Instant>);
+        let draining = shared.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.ready.store(false, Ordering::SeqCst);
+            tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; finishing in-flight requests");
+            let _ = signalled.send(Some(tokio::time::Instant::now() + grace));
+        });
+        let deadline = async move {
+            let deadline = loop {
+                if let Some(deadline) = *signal.borrow_and_update() {
+                    break deadline;
+                }
+                if signal.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::time::sleep_until(deadline).await;
+            deadline
+        };
+        tokio::pin!(deadline);
+        tokio::select! {
+            served = server => served?,
+            _ = &mut deadline => {
+                tracing::warn!(in_flight = shared.tasks.len(), "shutdown grace period over; exiting with requests still in flight");
+                return Ok(());
+            }
+        }
+        shared.tasks.close();
+        if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+            tracing::warn!(in_flight = shared.tasks.len(), "shutdown grace period over; exiting with accounting unfinished");
+        }
+        Ok(())
+    }
+}
+
+async fn ready(shared: Arc<Shared>, backends: Vec<String>) -> Response {
+    if shared.ready.load(Ordering::SeqCst) {
+        axum::Json(serde_json::json!({ "status": "ready", "backends": backends })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "draining" }))).into_response()
+    }
+}
+
+/// The gateway's id for one request.
+#[derive(Clone)]
+struct RequestId(String);
+
+async fn assign_request_id(mut request: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().hyphenated().to_string();
+    let header = HeaderValue::try_from(id.as_str()).ok();
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    if let Some(header) = header {
+        response.headers_mut().insert(HeaderName::from_static("x-request-id"), header);
+    }
+    response
+}

@@ -1,0 +1,162 @@
+//! Relays a backend's server-sent events to the client while reading token usage out of them.
+//!
+//! Bytes go out as soon as the events they belong to are complete: only the tail of an event that
+//! is still arriving is held back. The usage chunk the gateway asked for on the client's behalf is
+//! removed from what the client sees; everything else passes through byte for byte.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::openai::{Usage, usage_of_chunk};
+
+pub struct SseRelay {
+    pending: BytesMut,
+    /// Drop usage-only chunks (the client did not ask for usage; the gateway did).
+    strip_usage: bool,
+    usage: Option<Usage>,
+    saw_done: bool,
+}
+
+impl SseRelay {
+    pub fn new(strip_usage: bool) -> Self {
+        Self { pending: BytesMut::new(), strip_usage, usage: None, saw_done: false }
+    }
+
+    /// Takes the next piece of the backend's body and returns what may go to the client now.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let mut out: Option<BytesMut> = None;
+        let mut scanned = 0;
+        // `pending` up to `kept` is forwardable; events to drop are cut out as they are found.
+        while let Some((event_len, boundary_len)) = next_event(&self.pending[scanned..]) {
+            let event_end = scanned + event_len + boundary_len;
+            let drop_event = self.inspect(scanned, scanned + event_len);
+            if drop_event {
+                let keep = self.pending.split_to(scanned);
+                out.get_or_insert_with(BytesMut::new).extend_from_slice(&keep);
+                let _dropped = self.pending.split_to(event_end - scanned);
+                scanned = 0;
+            } else {
+                scanned = event_end;
+            }
+        }
+        let ready = self.pending.split_to(scanned);
+        match out {
+            None => ready.freeze(),
+            Some(mut out) => {
+                out.extend_from_slice(&ready);
+                out.freeze()
+            }
+        }
+    }
+
+    /// Whatever is left when the backend's body ends (a final event without its blank line).
+    pub fn finish(&mut self) -> Bytes {
+        if self.pending.is_empty() {
+            return Bytes::new();
+        }
+        let len = self.pending.len();
+        if self.inspect(0, len) {
+            self.pending.clear();
+        }
+        self.pending.split().freeze()
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The stream ended with `data: [DONE]`, i.e. it was complete.
+    pub fn saw_done(&self) -> bool {
+        self.saw_done
+    }
+
+    /// Records what the event at `pending[start..end]` says; true when it must not reach the client.
+    fn inspect(&mut self, start: usize, end: usize) -> bool {
+        let event = &self.pending[start..end];
+        let mut drop_event = false;
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(data) = line.strip_prefix(b"data:") else { continue };
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            if data == b"[DONE]" {
+                self.saw_done = true;
+            } else if let Some(chunk) = usage_of_chunk(data) {
+                self.usage = Some(chunk.usage);
+                drop_event |= chunk.usage_only && self.strip_usage;
+            }
+        }
+        drop_event
+    }
+}
+
+/// Length of the first complete event in `buf` and of the blank line that ends it.
+fn next_event(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let nl = from + i;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some((nl, 2)),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some((nl, 3)),
+            _ => from = nl + 1,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// Feeds the stream in pieces of every size from 1 byte up, as TCP might deliver it.
+    fn relay_in_pieces(strip_usage: bool, piece: usize) -> (String, SseRelay) {
+        let mut relay = SseRelay::new(strip_usage);
+        let mut out = Vec::new();
+        for chunk in STREAM.as_bytes().chunks(piece) {
+            out.extend_from_slice(&relay.push(chunk));
+        }
+        out.extend_from_slice(&relay.finish());
+        (String::from_utf8(out).expect("utf-8"), relay)
+    }
+
+    #[test]
+    fn passes_everything_when_the_client_asked_for_usage() {
+        for piece in 1..=STREAM.len() {
+            let (out, relay) = relay_in_pieces(false, piece);
+            assert_eq!(out, STREAM, "piece size {piece}");
+            assert_eq!(relay.usage().map(|u| u.total_tokens), Some(10));
+            assert!(relay.saw_done());
+        }
+    }
+
+    #[test]
+    fn removes_only_the_usage_chunk_otherwise() {
+        let expected = STREAM.replace(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
+            "",
+        );
+        for piece in 1..=STREAM.len() {
+            let (out, relay) = relay_in_pieces(true, piece);
+            assert_eq!(out, expected, "piece size {piece}");
+            assert_eq!(relay.usage().map(|u| (u.prompt_tokens, u.completion_tokens)), Some((9, 1)));
+        }
+    }
+
+    #[test]
+    fn forwards_complete_events_at_once_and_holds_partial_ones() {
+        let mut relay = SseRelay::new(true);
+        assert_eq!(&relay.push(b"data: {\"a\":1}\n\ndata: {\"b\""), &b"data: {\"a\":1}\n\n"[..]);
+        assert_eq!(&relay.push(b":2}\r\n\r\n"), &b"data: {\"b\":2}\r\n\r\n"[..]);
+        assert!(!relay.saw_done());
+        assert_eq!(&relay.push(b"data: [DONE]"), &b""[..]);
+        assert_eq!(&relay.finish(), &b"data: [DONE]"[..]);
+        assert!(relay.saw_done());
+    }
+}

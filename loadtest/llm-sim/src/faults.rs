@@ -1,0 +1,141 @@
+//! Latency and fault injection: CLI defaults, per-request header overrides,
+//! and the "drop the connection" bodies.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::stream;
+
+use crate::api::{ApiError, AppState};
+
+const X_SIM_FAULT: HeaderName = HeaderName::from_static("x-sim-fault");
+const X_SIM_TTFT_MS: HeaderName = HeaderName::from_static("x-sim-ttft-ms");
+const X_SIM_TOKEN_DELAY_MS: HeaderName = HeaderName::from_static("x-sim-token-delay-ms");
+
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub ttft: Duration,
+    pub token_delay: Duration,
+}
+
+#[derive(Debug)]
+pub struct FaultRates {
+    pub rate_429: f64,
+    pub rate_500: f64,
+    pub rate_slow: f64,
+    pub rate_drop: f64,
+    pub slow: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    RateLimit,
+    ServerError,
+    Slow,
+    Drop,
+}
+
+/// What a request that passed validation should experience.
+#[derive(Debug)]
+pub struct Plan {
+    /// Time to first byte, including the slow fault's extra delay.
+    pub ttft: Duration,
+    pub token_delay: Duration,
+    /// Abort the connection: mid-stream for SSE, before any response otherwise.
+    pub drop: bool,
+}
+
+/// Decides latency and fault for one request. 429/500 come back as the error
+/// to send; header overrides win over the CLI defaults and rates.
+pub fn plan(state: &AppState, headers: &HeaderMap) -> Result<Plan, ApiError> {
+    let ttft = header_ms(headers, &X_SIM_TTFT_MS)?.unwrap_or(state.latency.ttft);
+    let token_delay =
+        header_ms(headers, &X_SIM_TOKEN_DELAY_MS)?.unwrap_or(state.latency.token_delay);
+    let fault = match headers.get(X_SIM_FAULT) {
+        Some(v) => Some(match v.as_bytes() {
+            b"429" => Fault::RateLimit,
+            b"500" => Fault::ServerError,
+            b"slow" => Fault::Slow,
+            b"drop" => Fault::Drop,
+            _ => {
+                return Err(ApiError::invalid_request(
+                    "Invalid x-sim-fault header: expected one of 429, 500, slow, drop.",
+                ));
+            }
+        }),
+        None => roll(&state.faults),
+    };
+    match fault {
+        Some(Fault::RateLimit) => Err(ApiError::rate_limited()),
+        Some(Fault::ServerError) => Err(ApiError::server_error()),
+        Some(Fault::Slow) => Ok(Plan {
+            ttft: ttft + state.faults.slow,
+            token_delay,
+            drop: false,
+        }),
+        Some(Fault::Drop) => Ok(Plan {
+            ttft,
+            token_delay,
+            drop: true,
+        }),
+        None => Ok(Plan {
+            ttft,
+            token_delay,
+            drop: false,
+        }),
+    }
+}
+
+/// One uniform draw spread over the rates in order (429, 500, slow, drop), so
+/// at most one fault hits a request and each rate is its own probability as
+/// long as they sum to <= 1.
+fn roll(rates: &FaultRates) -> Option<Fault> {
+    let table = [
+        (rates.rate_429, Fault::RateLimit),
+        (rates.rate_500, Fault::ServerError),
+        (rates.rate_slow, Fault::Slow),
+        (rates.rate_drop, Fault::Drop),
+    ];
+    // Skip the RNG entirely in the common no-fault benchmark configuration.
+    if table.iter().all(|(rate, _)| *rate <= 0.0) {
+        return None;
+    }
+    let mut draw = fastrand::f64();
+    for (rate, fault) in table {
+        if draw < rate {
+            return Some(fault);
+        }
+        draw -= rate;
+    }
+    None
+}
+
+fn header_ms(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|ms| Some(Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            ApiError::invalid_request(format!(
+                "Invalid {name} header: expected a non-negative integer of milliseconds."
+            ))
+        })
+}
+
+/// The error a dropping body yields; hyper reacts by aborting the connection.
+pub fn drop_error() -> std::io::Error {
+    std::io::Error::other("llm-sim: simulated connection drop")
+}
+
+/// A response whose body fails before producing a byte, so hyper tears the
+/// connection down and the client sees no (complete) response.
+pub fn dropped_response() -> Response {
+    let body = stream::once(async { Err::<Bytes, _>(drop_error()) });
+    Response::new(Body::from_stream(body))
+}
