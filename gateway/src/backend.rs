@@ -135,11 +135,8 @@ impl Backend {
         if let Ok(id) = HeaderValue::try_from(ctx.request_id.as_str()) {
             headers.insert(HeaderName::from_static("x-request-id"), id);
         }
-        let request = self
-            .client
-            .request(ctx.request.method.clone(), self.url_for(ctx))
-            .headers(headers)
-            .timeout(self.timeout);
+        let request =
+            self.client.request(ctx.request.method.clone(), self.url_for(ctx)).headers(headers).timeout(self.timeout);
         let request = if body.is_empty() { request } else { request.body(body) };
         request.send().await.map_err(|e| self.error(&e))
     }
@@ -158,8 +155,8 @@ impl Backend {
 }
 
 fn sensitive(value: &str, var: &str) -> Result<HeaderValue, String> {
-    let mut value = HeaderValue::try_from(value)
-        .map_err(|_| format!("the value of {var} is not valid in an HTTP header"))?;
+    let mut value =
+        HeaderValue::try_from(value).map_err(|_| format!("the value of {var} is not valid in an HTTP header"))?;
     value.set_sensitive(true);
     Ok(value)
 }

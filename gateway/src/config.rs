@@ -219,11 +219,7 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
+        if self.path.is_empty() { write!(f, "{}", self.message) } else { write!(f, "{}: {}", self.path, self.message) }
     }
 }
 
@@ -261,7 +257,10 @@ impl Config {
             let url = reqwest::Url::parse(&backend.url)
                 .map_err(|e| ConfigError::at(at("url"), format!("not a URL ({e}): {:?}", backend.url)))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(ConfigError::at(at("url"), format!("must be an http(s) URL with a host: {:?}", backend.url)));
+                return Err(ConfigError::at(
+                    at("url"),
+                    format!("must be an http(s) URL with a host: {:?}", backend.url),
+                ));
             }
             if url.query().is_some() {
                 return Err(ConfigError::at(at("url"), "must not carry a query string"));
@@ -301,7 +300,10 @@ impl Config {
                 (Some(hash), None) => {
                     let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
                     if !valid {
-                        return Err(ConfigError::at(at("key-sha256"), "must be 64 hex digits (the SHA-256 of the key)"));
+                        return Err(ConfigError::at(
+                            at("key-sha256"),
+                            "must be 64 hex digits (the SHA-256 of the key)",
+                        ));
                     }
                 }
                 (None, Some(var)) => require_env(env, var, &at("key-env"))?,
@@ -345,13 +347,17 @@ impl Config {
                             picks_backend = true;
                         }
                         PolicyConfig::SetHeader(p) => {
-                            crate::policy::set_header::SetHeader::new(p).map_err(|msg| ConfigError::at(at("name"), msg))?;
+                            crate::policy::set_header::SetHeader::new(p)
+                                .map_err(|msg| ConfigError::at(at("name"), msg))?;
                         }
                     }
                 }
             }
             if api.backend.is_none() && !picks_backend {
-                return Err(ConfigError::at(at("backend"), "set a backend, or add a set-backend-service policy to inbound"));
+                return Err(ConfigError::at(
+                    at("backend"),
+                    "set a backend, or add a set-backend-service policy to inbound",
+                ));
             }
         }
         Ok(())
@@ -433,9 +439,17 @@ mod tests {
 
     #[test]
     fn references_are_checked() {
-        assert!(err(&MINIMAL.replace("backend = \"sim\"", "backend = \"nope\"")).starts_with("apis.aoai.backend: unknown backend \"nope\""));
-        assert!(err(&MINIMAL.replace("apis = [\"aoai\"]", "apis = [\"mcp\"]")).starts_with("subscriptions[0].apis[0]: unknown API"));
-        assert!(err(&MINIMAL.replace("key-sha256 = \"9f", "key-sha256 = \"zz")).starts_with("subscriptions[0].key-sha256"));
+        assert!(
+            err(&MINIMAL.replace("backend = \"sim\"", "backend = \"nope\""))
+                .starts_with("apis.aoai.backend: unknown backend \"nope\"")
+        );
+        assert!(
+            err(&MINIMAL.replace("apis = [\"aoai\"]", "apis = [\"mcp\"]"))
+                .starts_with("subscriptions[0].apis[0]: unknown API")
+        );
+        assert!(
+            err(&MINIMAL.replace("key-sha256 = \"9f", "key-sha256 = \"zz")).starts_with("subscriptions[0].key-sha256")
+        );
         let placeholder = err(&MINIMAL.replace("{subscription.team}", "{subscription.tema}"));
         assert!(placeholder.starts_with("apis.aoai.outbound[0]"), "{placeholder}");
     }

@@ -11,8 +11,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 /// API Management's wording for the two 401s.
-pub const MISSING_KEY_MESSAGE: &str =
-    "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
+pub const MISSING_KEY_MESSAGE: &str = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
 pub const INVALID_KEY_MESSAGE: &str =
     "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
 
@@ -21,13 +20,26 @@ pub enum GatewayError {
     MissingSubscriptionKey,
     InvalidSubscriptionKey,
     /// The request is malformed; `param` names the offending field like OpenAI does.
-    InvalidRequest { message: String, param: Option<&'static str> },
-    BodyTooLarge { limit: usize },
-    NotFound { method: String, path: String },
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    BodyTooLarge {
+        limit: usize,
+    },
+    NotFound {
+        method: String,
+        path: String,
+    },
     MethodNotAllowed,
     /// The backend could not be reached or broke the exchange off.
-    BackendUnavailable { backend: String, detail: String },
-    BackendTimeout { backend: String },
+    BackendUnavailable {
+        backend: String,
+        detail: String,
+    },
+    BackendTimeout {
+        backend: String,
+    },
     ShuttingDown,
     Internal,
 }
@@ -80,7 +92,9 @@ impl GatewayError {
             Self::MissingSubscriptionKey => MISSING_KEY_MESSAGE.to_owned(),
             Self::InvalidSubscriptionKey => INVALID_KEY_MESSAGE.to_owned(),
             Self::InvalidRequest { message, .. } => message.clone(),
-            Self::BodyTooLarge { limit } => format!("Request body is larger than the gateway's limit of {limit} bytes."),
+            Self::BodyTooLarge { limit } => {
+                format!("Request body is larger than the gateway's limit of {limit} bytes.")
+            }
             // OpenAI's own wording, which the SDKs and their users recognise.
             Self::NotFound { method, path } => format!("Invalid URL ({method} {path})"),
             Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),

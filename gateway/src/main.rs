@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "aigw", version, about = "AI gateway: API Management's AI policies in front of OpenAI and Azure OpenAI")]
+#[command(
+    name = "aigw",
+    version,
+    about = "AI gateway: API Management's AI policies in front of OpenAI and Azure OpenAI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

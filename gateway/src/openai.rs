@@ -34,10 +34,7 @@ fn object(raw: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(GatewayError::invalid("The request body must be a JSON object.", None)),
-        Err(e) => Err(GatewayError::invalid(
-            format!("We could not parse the JSON body of your request: {e}."),
-            None,
-        )),
+        Err(e) => Err(GatewayError::invalid(format!("We could not parse the JSON body of your request: {e}."), None)),
     }
 }
 
@@ -101,7 +98,9 @@ impl ChatRequest {
                 None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
                 Some(_) => {
                     return Err(GatewayError::invalid(
-                        format!("Invalid type for 'messages[{i}].content': expected a string or an array of content parts."),
+                        format!(
+                            "Invalid type for 'messages[{i}].content': expected a string or an array of content parts."
+                        ),
                         Some("messages"),
                     ));
                 }
@@ -162,7 +161,9 @@ impl EmbeddingsRequest {
                 let all = |f: fn(&Value) -> bool| items.iter().all(f);
                 all(Value::is_string)
                     || all(Value::is_u64)
-                    || all(|item| item.as_array().is_some_and(|tokens| !tokens.is_empty() && tokens.iter().all(Value::is_u64)))
+                    || all(|item| {
+                        item.as_array().is_some_and(|tokens| !tokens.is_empty() && tokens.iter().all(Value::is_u64))
+                    })
             }
             None => return Err(GatewayError::invalid("Missing required parameter: 'input'.", Some("input"))),
             Some(_) => false,
@@ -293,7 +294,9 @@ mod tests {
         let sent: Value = serde_json::from_slice(&chat.backend_body(&raw, None)).expect("json");
         assert_eq!(sent["stream_options"]["include_usage"], true);
 
-        let raw = Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true},"stream":true}"#);
+        let raw = Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true},"stream":true}"#,
+        );
         let chat = ChatRequest::parse(&raw, Some("dep")).expect("valid on a deployment route");
         assert!(chat.client_wants_usage);
         let sent: Value = serde_json::from_slice(&chat.backend_body(&raw, Some("dep"))).expect("json");
@@ -326,8 +329,9 @@ mod tests {
         assert_eq!(usage_of_response(embeddings).map(|u| u.total_tokens), Some(5));
         assert!(usage_of_chunk(br#"{"choices":[{"delta":{"content":"hi"}}]}"#).is_none());
         assert!(usage_of_chunk(br#"{"choices":[{"delta":{}}],"usage":null}"#).is_none());
-        let last = usage_of_chunk(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#)
-            .expect("usage");
+        let last =
+            usage_of_chunk(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#)
+                .expect("usage");
         assert!(last.usage_only);
         assert_eq!(last.usage.total_tokens, 5);
     }

@@ -81,15 +81,17 @@ impl Gateway {
     pub fn build(config: Config, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let mut backends = BTreeMap::new();
         for (id, backend) in &config.backends {
-            let built = Backend::from_config(id, backend, env).map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
+            let built =
+                Backend::from_config(id, backend, env).map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
             backends.insert(id.clone(), Arc::new(built));
         }
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
         let mut apis = Vec::new();
         for (id, api) in &config.apis {
-            let pipeline = Pipeline::build(id, api, &backends, &subscriptions, config.server.max_body_bytes, log.clone())
-                .map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
+            let pipeline =
+                Pipeline::build(id, api, &backends, &subscriptions, config.server.max_body_bytes, log.clone())
+                    .map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
             apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
         }
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
@@ -144,7 +146,11 @@ impl Gateway {
                     Family::OpenAi => Route::OpenAi,
                     Family::AzureV1 => Route::AzureV1,
                     Family::AzureDeployment => Route::AzureDeployment {
-                        deployment: params.iter().find(|(k, _)| *k == "deployment").map(|(_, v)| v.to_owned()).unwrap_or_default(),
+                        deployment: params
+                            .iter()
+                            .find(|(k, _)| *k == "deployment")
+                            .map(|(_, v)| v.to_owned())
+                            .unwrap_or_default(),
                     },
                     Family::Passthrough => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
                 };
@@ -198,7 +204,10 @@ impl Gateway {
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             draining.ready.store(false, Ordering::SeqCst);
-            tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; finishing in-flight requests");
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: no new connections; finishing in-flight requests"
+            );
             let _ = signalled.send(Some(tokio::time::Instant::now() + grace));
         });
         let deadline = async move {
@@ -223,7 +232,10 @@ impl Gateway {
         }
         shared.tasks.close();
         if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
-            tracing::warn!(in_flight = shared.tasks.len(), "shutdown grace period over; exiting with accounting unfinished");
+            tracing::warn!(
+                in_flight = shared.tasks.len(),
+                "shutdown grace period over; exiting with accounting unfinished"
+            );
         }
         Ok(())
     }

@@ -89,7 +89,10 @@ fn build_policy(config: &PolicyConfig, backends: &BTreeMap<String, Arc<Backend>>
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
-            backend: backends.get(&c.backend_id).cloned().ok_or_else(|| format!("unknown backend {:?}", c.backend_id))?,
+            backend: backends
+                .get(&c.backend_id)
+                .cloned()
+                .ok_or_else(|| format!("unknown backend {:?}", c.backend_id))?,
         }),
     })
 }
@@ -163,7 +166,8 @@ impl Pipeline {
     /// Reads and validates the body once, on first need.
     async fn read_body(&self, ctx: &mut RequestContext, body: &mut Option<Body>) -> Result<(), GatewayError> {
         let Some(body) = body.take() else { return Ok(()) };
-        let declared = ctx.request.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared =
+            ctx.request.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
             return Err(GatewayError::BodyTooLarge { limit: self.max_body_bytes });
         }
@@ -177,7 +181,8 @@ impl Pipeline {
         let deployment = match &ctx.request.route {
             Route::AzureDeployment { deployment } => {
                 let has_api_version = ctx.request.query.as_deref().is_some_and(|q| {
-                    q.split('&').any(|pair| pair.split_once('=').is_some_and(|(k, v)| k == "api-version" && !v.is_empty()))
+                    q.split('&')
+                        .any(|pair| pair.split_once('=').is_some_and(|(k, v)| k == "api-version" && !v.is_empty()))
                 });
                 if !has_api_version {
                     return Err(GatewayError::invalid(
@@ -274,7 +279,7 @@ fn elapsed_us(ctx: &RequestContext) -> u64 {
 struct StreamRelay {
     upstream: reqwest::Response,
     relay: SseRelay,
-    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::convert::Infallible>>,
     backend: Arc<Backend>,
 }
 
@@ -291,13 +296,14 @@ impl StreamRelay {
                 Some(Ok(bytes)) => (relay.push(&bytes), false),
                 None => (relay.finish(), true),
                 Some(Err(error)) => {
-                    backend.error(&error);
-                    if !client_gone {
-                        // Breaking the client's connection tells it the stream is incomplete;
-                        // a clean end would pass a truncated answer off as whole.
-                        let _ = tx.send(Err(std::io::Error::other("backend stream broke off"))).await;
-                    }
-                    break;
+                    let error = backend.error(&error);
+                    // Tell the client in the stream, as OpenAI does (the SDKs raise on an `error`
+                    // event), and never send `[DONE]`: a truncated answer must not look whole.
+                    // The half-received event, if any, is dropped: it cannot be completed.
+                    let mut event = bytes::BytesMut::from(&b"data: "[..]);
+                    event.extend_from_slice(&error.body());
+                    event.extend_from_slice(b"\n\n");
+                    (event.freeze(), true)
                 }
             };
             if !out.is_empty() && !client_gone {

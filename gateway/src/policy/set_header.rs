@@ -21,7 +21,8 @@ pub struct SetHeader {
 
 impl SetHeader {
     pub fn new(config: &SetHeaderConfig) -> Result<Self, String> {
-        let name = HeaderName::try_from(config.name.as_str()).map_err(|_| format!("not a header name: {:?}", config.name))?;
+        let name =
+            HeaderName::try_from(config.name.as_str()).map_err(|_| format!("not a header name: {:?}", config.name))?;
         let value = config.value.as_deref().map(Template::parse).transpose()?;
         if value.is_none() && config.exists_action != ExistsAction::Delete {
             return Err("a value is required unless exists-action is \"delete\"".to_owned());

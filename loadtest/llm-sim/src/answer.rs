@@ -10,13 +10,12 @@ use crate::tokens;
 /// Vocabulary for simulated answers; short common words keep the token count
 /// close to the word count.
 const WORDS: &[&str] = &[
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "token", "stream",
-    "answer", "gateway", "request", "latency", "simple", "result", "value", "system", "data",
-    "cloud", "river", "light", "green", "table", "music", "paper", "window", "garden", "stone",
-    "signal", "bridge", "market", "yellow", "silver", "ocean", "forest", "planet", "engine",
-    "circle", "number", "letter", "summer", "winter", "morning", "evening", "simply", "really",
-    "always", "never", "often", "again", "still", "maybe", "today", "later", "first", "second",
-    "little", "large", "small", "bright", "quiet", "rapid",
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "token", "stream", "answer", "gateway",
+    "request", "latency", "simple", "result", "value", "system", "data", "cloud", "river", "light", "green", "table",
+    "music", "paper", "window", "garden", "stone", "signal", "bridge", "market", "yellow", "silver", "ocean", "forest",
+    "planet", "engine", "circle", "number", "letter", "summer", "winter", "morning", "evening", "simply", "really",
+    "always", "never", "often", "again", "still", "maybe", "today", "later", "first", "second", "little", "large",
+    "small", "bright", "quiet", "rapid",
 ];
 
 /// sha256 of the last user message's text; its first 8 hex digits are the
@@ -99,11 +98,7 @@ impl Answer {
     /// Final answer after tool calls: quotes what the tools returned.
     pub fn tool_result(results: &[String], hash: &PromptHash) -> Self {
         let label = if results.len() == 1 { "result" } else { "results" };
-        let text = format!(
-            "Based on the tool {label}: {} [p:{}]",
-            results.join("; "),
-            hash.short()
-        );
+        let text = format!("Based on the tool {label}: {} [p:{}]", results.join("; "), hash.short());
         Self::from_text(text)
     }
 
@@ -112,15 +107,10 @@ impl Answer {
         // Split before a space that follows a non-whitespace byte: that is
         // always a boundary of o200k's pre-tokenizer, so per-piece token
         // counts add up to the count of the whole text.
-        let mut piece_ends: Vec<usize> = (1..bytes.len())
-            .filter(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace())
-            .collect();
+        let mut piece_ends: Vec<usize> =
+            (1..bytes.len()).filter(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace()).collect();
         piece_ends.push(bytes.len());
-        Self {
-            text,
-            piece_ends,
-            truncated: false,
-        }
+        Self { text, piece_ends, truncated: false }
     }
 
     pub fn text(&self) -> &str {
@@ -129,10 +119,7 @@ impl Answer {
 
     pub fn pieces(&self) -> impl Iterator<Item = &str> {
         let starts = std::iter::once(0).chain(self.piece_ends.iter().copied());
-        starts
-            .zip(self.piece_ends.iter().copied())
-            .map(|(s, e)| &self.text[s..e])
-            .filter(|p| !p.is_empty())
+        starts.zip(self.piece_ends.iter().copied()).map(|(s, e)| &self.text[s..e]).filter(|p| !p.is_empty())
     }
 
     pub fn completion_tokens(&self) -> usize {
@@ -153,10 +140,8 @@ impl Answer {
             }
             // Keep as many of this piece's tokens as fit and still decode to
             // whole characters.
-            let partial = (0..=max_tokens - used)
-                .rev()
-                .find_map(|keep| tokens::decode(&ids[..keep]))
-                .unwrap_or_default();
+            let partial =
+                (0..=max_tokens - used).rev().find_map(|keep| tokens::decode(&ids[..keep])).unwrap_or_default();
             self.text.truncate(start);
             self.text.push_str(&partial);
             self.piece_ends.truncate(i);
@@ -177,10 +162,7 @@ mod tests {
         let expected = &hex::encode(Sha256::digest(b"What is the capital of France?"))[..8];
         assert_eq!(h.short(), expected);
         let a = Answer::simulated(&h);
-        assert!(
-            a.text()
-                .starts_with(&format!("Simulated answer [p:{expected}]: "))
-        );
+        assert!(a.text().starts_with(&format!("Simulated answer [p:{expected}]: ")));
         assert!(!a.truncated);
     }
 
@@ -194,10 +176,7 @@ mod tests {
             let words = a.text().split(' ').count() - 3;
             assert_eq!(words as u64, 8 + h.seed() % 24);
         }
-        assert_ne!(
-            Answer::simulated(&PromptHash::of("a")).text(),
-            Answer::simulated(&PromptHash::of("b")).text()
-        );
+        assert_ne!(Answer::simulated(&PromptHash::of("a")).text(), Answer::simulated(&PromptHash::of("b")).text());
     }
 
     #[test]
@@ -237,9 +216,6 @@ mod tests {
     fn tool_result_quotes_results() {
         let h = PromptHash::of("weather?");
         let a = Answer::tool_result(&["{\"temp\":21}".to_string()], &h);
-        assert_eq!(
-            a.text(),
-            format!("Based on the tool result: {{\"temp\":21}} [p:{}]", h.short())
-        );
+        assert_eq!(a.text(), format!("Based on the tool result: {{\"temp\":21}} [p:{}]", h.short()));
     }
 }

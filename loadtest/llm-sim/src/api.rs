@@ -47,20 +47,10 @@ impl AppState {
             object: "list",
             data: MODELS
                 .iter()
-                .map(|&(id, created)| Model {
-                    id,
-                    object: "model",
-                    created,
-                    owned_by: "llm-sim",
-                })
+                .map(|&(id, created)| Model { id, object: "model", created, owned_by: "llm-sim" })
                 .collect(),
         };
-        Self {
-            api_key,
-            latency,
-            faults,
-            models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()),
-        }
+        Self { api_key, latency, faults, models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()) }
     }
 }
 
@@ -131,8 +121,7 @@ impl ApiError {
     pub fn rate_limited() -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
-            message: "Rate limit reached for requests (simulated by llm-sim). Please try again in 1s."
-                .into(),
+            message: "Rate limit reached for requests (simulated by llm-sim). Please try again in 1s.".into(),
             kind: "requests",
             param: None,
             code: Some("rate_limit_exceeded"),
@@ -142,7 +131,8 @@ impl ApiError {
     pub fn server_error() -> Self {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: "The server had an error while processing your request. Sorry about that! (simulated by llm-sim)".into(),
+            message: "The server had an error while processing your request. Sorry about that! (simulated by llm-sim)"
+                .into(),
             kind: "server_error",
             param: None,
             code: None,
@@ -186,8 +176,7 @@ impl IntoResponse for ApiError {
         };
         let mut resp = json_response(self.status, &body);
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -209,12 +198,7 @@ pub fn type_name(v: &Value) -> &'static str {
 pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     // Serializing our own structs cannot fail (no non-string map keys).
     let body = serde_json::to_vec(value).unwrap_or_default();
-    (
-        status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
 /// Parses the request body the way OpenAI does: it must be a JSON object.
@@ -330,8 +314,7 @@ pub async fn sim_headers(State(state): State<Arc<AppState>>, req: Request, next:
     let credential = Credential::from_headers(headers);
     let auth = credential.describe();
     let request_id = headers.get(X_REQUEST_ID).cloned();
-    let api_version =
-        query_param(req.uri(), "api-version").and_then(|v| HeaderValue::from_str(v).ok());
+    let api_version = query_param(req.uri(), "api-version").and_then(|v| HeaderValue::from_str(v).ok());
 
     let path = req.uri().path();
     let protected = path.starts_with("/v1/") || path.starts_with("/openai/");
@@ -339,9 +322,9 @@ pub async fn sim_headers(State(state): State<Arc<AppState>>, req: Request, next:
         (Some(_), None) if protected => Some(ApiError::unauthorized(
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key header.",
         )),
-        (Some(expected), Some(got)) if protected && expected != got => Some(
-            ApiError::unauthorized("Incorrect API key provided. You can find your API key in llm-sim's --api-key flag."),
-        ),
+        (Some(expected), Some(got)) if protected && expected != got => Some(ApiError::unauthorized(
+            "Incorrect API key provided. You can find your API key in llm-sim's --api-key flag.",
+        )),
         _ => None,
     };
 
@@ -361,10 +344,7 @@ pub async fn sim_headers(State(state): State<Arc<AppState>>, req: Request, next:
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        Body::from(state.models_body.clone()),
-    )
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], Body::from(state.models_body.clone()))
         .into_response()
 }
 

@@ -87,10 +87,7 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: PromptTokensDetails {
-                cached_tokens: 0,
-                audio_tokens: 0,
-            },
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: 0, audio_tokens: 0 },
             completion_tokens_details: CompletionTokensDetails {
                 reasoning_tokens: 0,
                 audio_tokens: 0,
@@ -127,18 +124,11 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
         Err(err) => return err.into_response(),
     };
     let id = format!("chatcmpl-sim{}{:016x}", p.hash.short(), fastrand::u64(..));
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
 
     if p.stream {
         sleep(plan.ttft).await;
-        let meta = sse::Meta {
-            id: &id,
-            created,
-            model: &p.model,
-            include_usage: p.include_usage,
-        };
+        let meta = sse::Meta { id: &id, created, model: &p.model, include_usage: p.include_usage };
         return sse::response(&meta, &p.output, &p.usage, plan.token_delay, plan.drop);
     }
 
@@ -154,10 +144,7 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
             Some([ToolCallJson {
                 id: &call.id,
                 kind: "function",
-                function: FunctionJson {
-                    name: &call.name,
-                    arguments: &call.arguments,
-                },
+                function: FunctionJson { name: &call.name, arguments: &call.arguments },
             }]),
         ),
     };
@@ -169,12 +156,7 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
         system_fingerprint: sse::SYSTEM_FINGERPRINT,
         choices: [Choice {
             index: 0,
-            message: Message {
-                role: "assistant",
-                content,
-                tool_calls,
-                refusal: None,
-            },
+            message: Message { role: "assistant", content, tool_calls, refusal: None },
             logprobs: None,
             finish_reason: p.output.finish_reason(),
         }],
@@ -257,9 +239,7 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
             .param("stream_options")
             .code("invalid_value"));
         }
-        Some(Value::Object(o)) => {
-            optional_bool(o.get("include_usage"), "stream_options.include_usage")?
-        }
+        Some(Value::Object(o)) => optional_bool(o.get("include_usage"), "stream_options.include_usage")?,
         Some(other) => return Err(ApiError::invalid_type("stream_options", "an object", other)),
     };
     // `max_completion_tokens` superseded `max_tokens`; honour either.
@@ -310,23 +290,12 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
         Output::ToolCall(call) => tokens::count(&call.name) + tokens::count(&call.arguments),
     };
 
-    Ok(Prepared {
-        model,
-        hash,
-        stream,
-        include_usage,
-        output,
-        usage: Usage::new(counter.total(), completion_tokens),
-    })
+    Ok(Prepared { model, hash, stream, include_usage, output, usage: Usage::new(counter.total(), completion_tokens) })
 }
 
 /// Validates `messages[i]`, adds it to the prompt count, and returns its role
 /// and text (content parts joined by newlines).
-fn message<'a>(
-    i: usize,
-    msg: &'a Value,
-    counter: &mut PromptCounter,
-) -> Result<(&'a str, Cow<'a, str>), ApiError> {
+fn message<'a>(i: usize, msg: &'a Value, counter: &mut PromptCounter) -> Result<(&'a str, Cow<'a, str>), ApiError> {
     let Some(obj) = msg.as_object() else {
         return Err(ApiError::invalid_type(format!("messages[{i}]"), "an object", msg));
     };
@@ -360,11 +329,7 @@ fn message<'a>(
             return Err(ApiError::missing(format!("messages[{i}].content")));
         }
         Some(other) => {
-            return Err(ApiError::invalid_type(
-                format!("messages[{i}].content"),
-                "a string or an array",
-                other,
-            ));
+            return Err(ApiError::invalid_type(format!("messages[{i}].content"), "a string or an array", other));
         }
     };
     if role == "tool" && !obj.get("tool_call_id").is_some_and(Value::is_string) {

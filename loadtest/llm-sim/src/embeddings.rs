@@ -142,10 +142,7 @@ async fn respond(
         object: "list",
         data,
         model,
-        usage: EmbeddingUsage {
-            prompt_tokens,
-            total_tokens: prompt_tokens,
-        },
+        usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
     };
     api::json_response(StatusCode::OK, &list)
 }
@@ -184,10 +181,7 @@ fn text_input(s: &str) -> Result<Input<'_>, ApiError> {
     if s.is_empty() {
         return Err(invalid_input());
     }
-    Ok(Input {
-        text: Cow::Borrowed(s),
-        tokens: tokens::count(s),
-    })
+    Ok(Input { text: Cow::Borrowed(s), tokens: tokens::count(s) })
 }
 
 fn token_input(ids: &[Value]) -> Result<Input<'static>, ApiError> {
@@ -200,32 +194,24 @@ fn token_input(ids: &[Value]) -> Result<Input<'static>, ApiError> {
         return Err(invalid_input());
     }
     // Ids outside the vocabulary still get a stable vector: seed from the ids.
-    let text = tokens::decode(&ids).unwrap_or_else(|| {
-        ids.iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    });
-    Ok(Input {
-        text: Cow::Owned(text),
-        tokens: ids.len(),
-    })
+    let text = tokens::decode(&ids).unwrap_or_else(|| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    Ok(Input { text: Cow::Owned(text), tokens: ids.len() })
 }
 
 fn dimensions(v: Option<&Value>) -> Result<usize, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(DEFAULT_DIMENSIONS),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|d| usize::try_from(d).ok())
-            .filter(|d| (1..=MAX_DIMENSIONS).contains(d))
-            .ok_or_else(|| {
-                ApiError::invalid_request(format!(
-                    "Invalid 'dimensions': expected an integer between 1 and {MAX_DIMENSIONS}, but got {n} instead."
-                ))
-                .param("dimensions")
-                .code("invalid_value")
-            }),
+        Some(Value::Number(n)) => {
+            n.as_u64().and_then(|d| usize::try_from(d).ok()).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(
+                || {
+                    ApiError::invalid_request(format!(
+                        "Invalid 'dimensions': expected an integer between 1 and {MAX_DIMENSIONS}, but got {n} instead."
+                    ))
+                    .param("dimensions")
+                    .code("invalid_value")
+                },
+            )
+        }
         Some(other) => Err(ApiError::invalid_type("dimensions", "an integer", other)),
     }
 }
@@ -291,10 +277,7 @@ mod tests {
         let v = vector("round trip", 64);
         let decoded = BASE64.decode(to_base64(&v)).expect("valid base64");
         assert_eq!(decoded.len(), 64 * 4);
-        let back: Vec<f32> = decoded
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let back: Vec<f32> = decoded.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         assert_eq!(back, v);
     }
 

@@ -15,13 +15,11 @@ const X_SIM_FAULT: HeaderName = HeaderName::from_static("x-sim-fault");
 const X_SIM_TTFT_MS: HeaderName = HeaderName::from_static("x-sim-ttft-ms");
 const X_SIM_TOKEN_DELAY_MS: HeaderName = HeaderName::from_static("x-sim-token-delay-ms");
 
-#[derive(Clone, Copy, Debug)]
 pub struct Latency {
     pub ttft: Duration,
     pub token_delay: Duration,
 }
 
-#[derive(Debug)]
 pub struct FaultRates {
     pub rate_429: f64,
     pub rate_500: f64,
@@ -30,7 +28,6 @@ pub struct FaultRates {
     pub slow: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     RateLimit,
     ServerError,
@@ -39,7 +36,6 @@ enum Fault {
 }
 
 /// What a request that passed validation should experience.
-#[derive(Debug)]
 pub struct Plan {
     /// Time to first byte, including the slow fault's extra delay.
     pub ttft: Duration,
@@ -52,8 +48,7 @@ pub struct Plan {
 /// to send; header overrides win over the CLI defaults and rates.
 pub fn plan(state: &AppState, headers: &HeaderMap) -> Result<Plan, ApiError> {
     let ttft = header_ms(headers, &X_SIM_TTFT_MS)?.unwrap_or(state.latency.ttft);
-    let token_delay =
-        header_ms(headers, &X_SIM_TOKEN_DELAY_MS)?.unwrap_or(state.latency.token_delay);
+    let token_delay = header_ms(headers, &X_SIM_TOKEN_DELAY_MS)?.unwrap_or(state.latency.token_delay);
     let fault = match headers.get(X_SIM_FAULT) {
         Some(v) => Some(match v.as_bytes() {
             b"429" => Fault::RateLimit,
@@ -71,21 +66,9 @@ pub fn plan(state: &AppState, headers: &HeaderMap) -> Result<Plan, ApiError> {
     match fault {
         Some(Fault::RateLimit) => Err(ApiError::rate_limited()),
         Some(Fault::ServerError) => Err(ApiError::server_error()),
-        Some(Fault::Slow) => Ok(Plan {
-            ttft: ttft + state.faults.slow,
-            token_delay,
-            drop: false,
-        }),
-        Some(Fault::Drop) => Ok(Plan {
-            ttft,
-            token_delay,
-            drop: true,
-        }),
-        None => Ok(Plan {
-            ttft,
-            token_delay,
-            drop: false,
-        }),
+        Some(Fault::Slow) => Ok(Plan { ttft: ttft + state.faults.slow, token_delay, drop: false }),
+        Some(Fault::Drop) => Ok(Plan { ttft, token_delay, drop: true }),
+        None => Ok(Plan { ttft, token_delay, drop: false }),
     }
 }
 
@@ -117,15 +100,13 @@ fn header_ms(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Duration>,
     let Some(v) = headers.get(name) else {
         return Ok(None);
     };
-    v.to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|ms| Some(Duration::from_millis(ms)))
-        .ok_or_else(|| {
+    v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).map(|ms| Some(Duration::from_millis(ms))).ok_or_else(
+        || {
             ApiError::invalid_request(format!(
                 "Invalid {name} header: expected a non-negative integer of milliseconds."
             ))
-        })
+        },
+    )
 }
 
 /// The error a dropping body yields; hyper reacts by aborting the connection.

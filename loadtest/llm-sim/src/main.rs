@@ -76,11 +76,7 @@ struct Cli {
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not within 0.0..=1.0"))
-    }
+    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not within 0.0..=1.0")) }
 }
 
 #[tokio::main]
@@ -102,10 +98,7 @@ async fn main() -> std::io::Result<()> {
 
     let state = Arc::new(AppState::new(
         cli.api_key,
-        Latency {
-            ttft: Duration::from_millis(cli.ttft_ms),
-            token_delay: Duration::from_millis(cli.token_delay_ms),
-        },
+        Latency { ttft: Duration::from_millis(cli.ttft_ms), token_delay: Duration::from_millis(cli.token_delay_ms) },
         FaultRates {
             rate_429: cli.rate_429,
             rate_500: cli.rate_500,
@@ -128,9 +121,7 @@ async fn main() -> std::io::Result<()> {
             tracing::warn!("failed to set TCP_NODELAY: {err}");
         }
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -142,20 +133,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/openai/v1/chat/completions", post(chat::openai))
         .route("/openai/v1/embeddings", post(embeddings::openai))
         .route("/openai/v1/models", get(api::models))
-        .route(
-            "/openai/deployments/{deployment}/chat/completions",
-            post(chat::azure),
-        )
-        .route(
-            "/openai/deployments/{deployment}/embeddings",
-            post(embeddings::azure),
-        )
+        .route("/openai/deployments/{deployment}/chat/completions", post(chat::azure))
+        .route("/openai/deployments/{deployment}/embeddings", post(embeddings::azure))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api::sim_headers,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), api::sim_headers))
         // Large embedding batches exceed axum's 2 MB default.
         .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(state)

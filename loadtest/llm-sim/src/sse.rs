@@ -104,12 +104,7 @@ struct Events {
 
 impl Meta<'_> {
     fn event(&self, delta: Delta<'_>, finish_reason: Option<&'static str>) -> Bytes {
-        let choices = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason,
-        }];
+        let choices = [ChunkChoice { index: 0, delta, logprobs: None, finish_reason }];
         self.encode(&choices, self.include_usage.then_some(None))
     }
 
@@ -136,20 +131,13 @@ fn events(meta: &Meta<'_>, output: &Output, usage: &Usage) -> Events {
     let mut events = Vec::new();
     match output {
         Output::Text(answer) => {
-            events.push(meta.event(
-                Delta::Start {
-                    role: "assistant",
-                    content: Some(""),
-                    tool_calls: None,
-                    refusal: None,
-                },
-                None,
-            ));
-            events.extend(
-                answer
-                    .pieces()
-                    .map(|content| meta.event(Delta::Content { content }, None)),
+            events.push(
+                meta.event(
+                    Delta::Start { role: "assistant", content: Some(""), tool_calls: None, refusal: None },
+                    None,
+                ),
             );
+            events.extend(answer.pieces().map(|content| meta.event(Delta::Content { content }, None)));
         }
         Output::ToolCall(call) => {
             // OpenAI puts the role and the call's id/name in the same first delta.
@@ -161,10 +149,7 @@ fn events(meta: &Meta<'_>, output: &Output, usage: &Usage) -> Events {
                         index: 0,
                         id: &call.id,
                         kind: "function",
-                        function: FunctionStart {
-                            name: &call.name,
-                            arguments: "",
-                        },
+                        function: FunctionStart { name: &call.name, arguments: "" },
                     }]),
                     refusal: None,
                 },
@@ -173,10 +158,7 @@ fn events(meta: &Meta<'_>, output: &Output, usage: &Usage) -> Events {
             events.extend(fragments(&call.arguments).map(|arguments| {
                 meta.event(
                     Delta::Arguments {
-                        tool_calls: [ToolCallArguments {
-                            index: 0,
-                            function: ArgumentsOnly { arguments },
-                        }],
+                        tool_calls: [ToolCallArguments { index: 0, function: ArgumentsOnly { arguments } }],
                     },
                     None,
                 )
@@ -212,13 +194,7 @@ fn fragments(s: &str) -> impl Iterator<Item = &str> {
 
 /// The SSE response. `drop` sends the first content event and then fails the
 /// body, which makes hyper abort the connection mid-stream (no `[DONE]`).
-pub fn response(
-    meta: &Meta<'_>,
-    output: &Output,
-    usage: &Usage,
-    token_delay: Duration,
-    drop: bool,
-) -> Response {
+pub fn response(meta: &Meta<'_>, output: &Output, usage: &Usage, token_delay: Duration, drop: bool) -> Response {
     let Events { events, pieces } = events(meta, output, usage);
     // Events sent before a dropped connection dies: the role chunk and the
     // first content chunk.
@@ -241,10 +217,7 @@ pub fn response(
     });
     (
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream; charset=utf-8"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8")),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
         Body::from_stream(body),
@@ -264,22 +237,14 @@ mod tests {
             .iter()
             .map(|e| {
                 let s = std::str::from_utf8(e).expect("utf-8");
-                let data = s
-                    .strip_prefix("data: ")
-                    .and_then(|d| d.strip_suffix("\n\n"))
-                    .expect("SSE framing");
+                let data = s.strip_prefix("data: ").and_then(|d| d.strip_suffix("\n\n")).expect("SSE framing");
                 (data != "[DONE]").then(|| serde_json::from_str(data).expect("chunk JSON"))
             })
             .collect()
     }
 
     fn meta(include_usage: bool) -> Meta<'static> {
-        Meta {
-            id: "chatcmpl-simtest",
-            created: 1,
-            model: "gpt-4o",
-            include_usage,
-        }
+        Meta { id: "chatcmpl-simtest", created: 1, model: "gpt-4o", include_usage }
     }
 
     fn usage() -> Usage {
@@ -368,10 +333,7 @@ mod tests {
         }
         assert_eq!(joined, args);
         assert!(ev.pieces > 1);
-        assert_eq!(
-            parsed[n - 2].as_ref().expect("chunk")["choices"][0]["finish_reason"],
-            "tool_calls"
-        );
+        assert_eq!(parsed[n - 2].as_ref().expect("chunk")["choices"][0]["finish_reason"], "tool_calls");
     }
 
     #[test]

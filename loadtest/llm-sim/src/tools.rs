@@ -44,10 +44,7 @@ pub fn parse_tools(tools: Option<&Value>) -> Result<Vec<FunctionTool<'_>>, ApiEr
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::missing(format!("tools[{i}].function.name")))?;
-        out.push(FunctionTool {
-            name,
-            parameters: tool.get("function").and_then(|f| f.get("parameters")),
-        });
+        out.push(FunctionTool { name, parameters: tool.get("function").and_then(|f| f.get("parameters")) });
     }
     Ok(out)
 }
@@ -70,11 +67,7 @@ pub fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice<'_>, ApiEr
             .and_then(Value::as_str)
             .map(ToolChoice::Named)
             .ok_or_else(|| ApiError::missing("tool_choice.function.name")),
-        Some(other) => Err(ApiError::invalid_type(
-            "tool_choice",
-            "a string or an object",
-            other,
-        )),
+        Some(other) => Err(ApiError::invalid_type("tool_choice", "a string or an object", other)),
     }
 }
 
@@ -97,9 +90,7 @@ pub fn select<'t, 'a>(
         .iter()
         .find(|t| user_text.contains(t.name))
         .or_else(|| tools.first())
-        .ok_or_else(|| {
-            ApiError::invalid_request("'tools' contains no function tools.").param("tools")
-        })
+        .ok_or_else(|| ApiError::invalid_request("'tools' contains no function tools.").param("tools"))
 }
 
 /// Serialized arguments satisfying the tool's `parameters` schema.
@@ -120,14 +111,8 @@ struct ArgGen<'u> {
 
 impl<'u> ArgGen<'u> {
     fn new(user_text: &'u str, seed: u64) -> Self {
-        let words = user_text
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .collect();
-        Self {
-            words,
-            rng: SplitMix::new(seed),
-        }
+        let words = user_text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        Self { words, rng: SplitMix::new(seed) }
     }
 
     fn word(&mut self) -> Value {
@@ -157,11 +142,9 @@ impl<'u> ArgGen<'u> {
         let ty = match s.get("type") {
             Some(Value::String(t)) => t.as_str(),
             // ["string", "null"]: produce the non-null alternative.
-            Some(Value::Array(types)) => types
-                .iter()
-                .filter_map(Value::as_str)
-                .find(|t| *t != "null")
-                .unwrap_or("null"),
+            Some(Value::Array(types)) => {
+                types.iter().filter_map(Value::as_str).find(|t| *t != "null").unwrap_or("null")
+            }
             _ if s.contains_key("properties") => "object",
             _ if s.contains_key("items") => "array",
             _ => "string",
@@ -250,8 +233,7 @@ mod tests {
         let tools_v = tools_json();
         let tools = parse_tools(Some(&tools_v)).expect("valid tools");
         let user = "What is the weather in Paris";
-        let args: Value =
-            serde_json::from_str(&arguments(&tools[0], user, 7)).expect("arguments are JSON");
+        let args: Value = serde_json::from_str(&arguments(&tools[0], user, 7)).expect("arguments are JSON");
 
         let user_words: Vec<&str> = user.split(' ').collect();
         let location = args["location"].as_str().expect("location is a string");
@@ -284,10 +266,7 @@ mod tests {
         let tools = parse_tools(Some(&tools_v)).expect("valid tools");
         let auto = ToolChoice::Auto;
         assert_eq!(select(&tools, &auto, "hello").map(|t| t.name).ok(), Some("get_weather"));
-        assert_eq!(
-            select(&tools, &auto, "please search_docs now").map(|t| t.name).ok(),
-            Some("search_docs")
-        );
+        assert_eq!(select(&tools, &auto, "please search_docs now").map(|t| t.name).ok(), Some("search_docs"));
         let named = ToolChoice::Named("search_docs");
         assert_eq!(select(&tools, &named, "get_weather").map(|t| t.name).ok(), Some("search_docs"));
         assert!(select(&tools, &ToolChoice::Named("nope"), "").is_err());

@@ -1,0 +1,158 @@
+//! The process around the gateway: start-up messages, config checking, graceful shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
+    let (_sim, mut gw) = start_pair(&[], "").await;
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("api-key", KEY)
+        .header("x-sim-token-delay-ms", "50")
+        .json(&chat_body("finish me during shutdown", true))
+        .send()
+        .await
+        .expect("send");
+    let mut body = response.bytes_stream();
+    let mut received = body.next().await.expect("first chunk").expect("bytes").to_vec();
+
+    gw.proc.signal("TERM");
+    gw.proc.wait_line("the shutdown line", |l| l.contains("shutting down")).await;
+    // No new connections once draining.
+    let refused = client().get(format!("{}/health", gw.url)).send().await;
+    assert!(refused.is_err(), "a new connection after SIGTERM must be refused");
+
+    while let Some(chunk) = body.next().await {
+        received.extend_from_slice(&chunk.expect("the stream is not cut"));
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.ends_with("data: [DONE]\n\n"), "the in-flight stream completed: {text}");
+    let status = gw.proc.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(gw.proc.lines().iter().any(|l| l.contains("\"aigw stopped\"")));
+}
+
+#[tokio::test]
+async fn check_config_reports_the_path_of_the_bad_field() {
+    let sim = Sim::start(&[]).await;
+    let good = write_config(&config(&sim, ""));
+    let output = Command::new(aigw_bin())
+        .arg("check-config")
+        .arg(&good)
+        .env("SIM_BACKEND_KEY", "k")
+        .env("OTHER_KEY", "k")
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ok (2 APIs, 2 backends, 2 subscriptions)"));
+
+    let cases = [
+        (config(&sim, "").replace("max-body-bytes = 65536", "max-body-bytes = \"lots\""), "server.max-body-bytes"),
+        (
+            config(&sim, "").replace("backend = \"azure\"", "backend = \"azur\""),
+            "apis.azure.backend: unknown backend \"azur\"",
+        ),
+        (config(&sim, "inbound = [{ policy = \"set-header\", nmae = \"x\" }]"), "apis.azure.inbound[0]"),
+        (config(&sim, "inbound = [{ policy = \"rate-limit-everything\" }]"), "apis.azure.inbound[0]"),
+        (
+            config(&sim, "").replace("key-env = \"OTHER_KEY\"", "key-env = \"NOT_SET_ANYWHERE\""),
+            "subscriptions[1].key-env: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = write_config(&text);
+        let output = Command::new(aigw_bin())
+            .arg("check-config")
+            .arg(&path)
+            .env("SIM_BACKEND_KEY", "k")
+            .env("OTHER_KEY", "k")
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_file(good);
+}
+
+#[tokio::test]
+async fn start_up_failures_say_what_to_do() {
+    // The port is taken.
+    let (_sim, gw) = start_pair(&[], "").await;
+    let taken = gw.url.trim_start_matches("http://").to_owned();
+    let mut command = Command::new(aigw_bin());
+    command.args(["serve", "--config"]).arg(&gw.config_path).args(["--listen", &taken]);
+    command.env("SIM_BACKEND_KEY", "k").env("OTHER_KEY", "k");
+    let mut second = Proc::spawn(command);
+    let line = second.wait_line("the bind error", |l| l.contains("cannot listen")).await;
+    assert!(line.contains("--listen"), "{line}");
+    assert_eq!(second.wait_exit(Duration::from_secs(10)).await.code(), Some(1));
+
+    // A backend nobody listens on: the gateway starts, warns, and answers 502 until it is up.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = unused.local_addr().expect("addr");
+    drop(unused);
+    let toml = format!(
+        "[backends.gone]\nurl = \"http://{dead}/v1\"\nkind = \"openai\"\n\n[apis.a]\nkind = \"openai\"\nbackend = \"gone\"\nsubscription-required = false\n"
+    );
+    let lonely = Gateway::start(&toml, &[]).await;
+    let warning = lonely.proc.wait_line("the unreachable-backend warning", |l| l.contains("backend unreachable")).await;
+    assert!(warning.contains("\"backend\":\"gone\""), "{warning}");
+    let response = client()
+        .post(format!("{}/v1/chat/completions", lonely.url))
+        .json(&chat_body("x", false))
+        .send()
+        .await
+        .expect("send");
+    openai_error(response, 502).await;
+
+    // A bad config file: exit 2 with the path of the field.
+    let bad = write_config("[server]\nlisten = 8080\n");
+    let output = Command::new(aigw_bin()).args(["serve", "--config"]).arg(&bad).output().expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("server.listen"));
+    let _ = std::fs::remove_file(bad);
+}
+
+#[tokio::test]
+async fn quickstart_runs_on_one_command_with_the_given_key() {
+    let mut command = Command::new(aigw_bin());
+    command.args(["quickstart", "--listen", "127.0.0.1:0", "--sim", sim_bin().to_str().expect("utf-8")]);
+    command.env("AIGW_DEMO_KEY", "my-demo-key").env_remove("AIGW_LISTEN");
+    let mut proc = Proc::spawn(command);
+    let banner = proc.wait_line("the banner's key line", |l| l.contains("demo subscription key:")).await;
+    assert!(banner.contains("my-demo-key"));
+    let listening: serde_json::Value =
+        serde_json::from_str(&proc.wait_line("listening", |l| l.contains("\"aigw listening\"")).await).expect("json");
+    let url = format!("http://{}", listening["addr"].as_str().expect("addr"));
+    proc.wait_line("the curl hint", |l| l.contains(&format!("curl -s {url}/v1/chat/completions"))).await;
+    // Any model name works.
+    let mut body = chat_body("hello quickstart", false);
+    body["model"] = "my-own-model-name".into();
+    let response = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("api-key", "my-demo-key")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-aigw-subscription"], "demo");
+    let answer: serde_json::Value = response.json().await.expect("json");
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .contains(&prompt_marker("hello quickstart"))
+    );
+    // A clean stop also stops the simulator it started.
+    proc.signal("TERM");
+    assert_eq!(proc.wait_exit(Duration::from_secs(15)).await.code(), Some(0));
+}

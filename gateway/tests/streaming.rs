@@ -1,0 +1,170 @@
+//! Streaming through the gateway: usage asked for and hidden, no buffering, accounting that
+//! survives a client that leaves, and a backend that breaks off.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Reads a streamed chat through the gateway and returns (request id, data payloads).
+async fn stream(gw: &Gateway, path: &str, body: &Value) -> (String, Vec<String>) {
+    let response =
+        client().post(format!("{}{path}", gw.url)).header("api-key", KEY).json(body).send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().expect("ascii").starts_with("text/event-stream"));
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    (id, sse_data(&response.text().await.expect("body")))
+}
+
+fn usage_chunks(data: &[String]) -> Vec<Value> {
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|chunk| chunk["usage"].is_object())
+        .collect()
+}
+
+#[tokio::test]
+async fn usage_is_always_accounted_but_only_shown_when_asked_for() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let prompt = "Tell me about streaming.";
+    for path in ["/v1/chat/completions", "/azure/openai/deployments/d1/chat/completions?api-version=2024-10-21"] {
+        let (plain_id, plain) = stream(&gw, path, &chat_body(prompt, true)).await;
+        assert!(usage_chunks(&plain).is_empty(), "{path}: the client did not ask for usage, so it sees none");
+        assert_eq!(plain.last().map(String::as_str), Some("[DONE]"));
+        assert!(stream_text(&plain).contains(&prompt_marker(prompt)));
+
+        let mut asked = chat_body(prompt, true);
+        asked["stream_options"] = json!({"include_usage": true});
+        let (asked_id, with_usage) = stream(&gw, path, &asked).await;
+        let usage = usage_chunks(&with_usage);
+        assert_eq!(usage.len(), 1, "{path}: exactly the one usage chunk");
+        assert_eq!(usage[0]["choices"], json!([]));
+        assert_eq!(stream_text(&plain), stream_text(&with_usage), "{path}: same answer either way");
+
+        // The gateway knew the usage in both cases, and it is the backend's own count.
+        let expected = &usage[0]["usage"];
+        for id in [&plain_id, &asked_id] {
+            let log = gw.proc.request_log(id).await;
+            assert_eq!(log["prompt_tokens"], expected["prompt_tokens"], "{path}: {log}");
+            assert_eq!(log["completion_tokens"], expected["completion_tokens"], "{path}: {log}");
+            assert_eq!(log["total_tokens"], expected["total_tokens"], "{path}: {log}");
+            assert!(log.get("stream_incomplete").is_none() && log.get("client_disconnected").is_none(), "{log}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn tool_call_deltas_pass_through_unchanged() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let mut body = chat_body("What is the weather in Paris?", true);
+    body["tools"] = json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        }
+    }]);
+    let (_, data) = stream(&gw, "/v1/chat/completions", &body).await;
+    let chunks: Vec<Value> = data.iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+    let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
+    assert!(calls.len() >= 2, "the call arrives as deltas: {calls:?}");
+    assert_eq!(calls[0][0]["index"], 0);
+    assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+    assert!(calls[0][0]["id"].is_string());
+    let arguments: String = calls.iter().filter_map(|c| c[0]["function"]["arguments"].as_str()).collect();
+    let arguments: Value = serde_json::from_str(&arguments).expect("arguments assemble into JSON");
+    assert!(arguments["city"].is_string());
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+}
+
+#[tokio::test]
+async fn chunks_reach_the_client_as_the_backend_sends_them() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("api-key", KEY)
+        .header("x-sim-token-delay-ms", "100")
+        .json(&chat_body("a slow answer please", true))
+        .send()
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let mut body = response.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    let first_at = started.elapsed();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("bytes"));
+    }
+    let total = started.elapsed();
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    // The answer has 10+ pieces 100 ms apart; a buffering proxy would deliver the first with the last.
+    assert!(total >= Duration::from_millis(800), "stream took {total:?}");
+    assert!(first_at * 4 < total, "first chunk after {first_at:?} of {total:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_is_still_accounted_for() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let body = chat_body("I will hang up early", true).to_string();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\napi-key: {KEY}\r\nx-sim-token-delay-ms: 60\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("data: ") {
+        let n = socket.read(&mut buffer).await.expect("read");
+        assert!(n > 0, "stream ended before the first chunk");
+        received.extend_from_slice(&buffer[..n]);
+    }
+    let head = String::from_utf8_lossy(&received).to_string();
+    let request_id =
+        head.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("x-request-id header").trim().to_owned();
+    drop(socket);
+
+    // The gateway read the backend's stream to its end and logged the full usage.
+    let log = gw.proc.request_log(&request_id).await;
+    assert_eq!(log["client_disconnected"], true, "{log}");
+    assert!(log.get("stream_incomplete").is_none(), "the backend's stream was complete: {log}");
+    let completion = log["completion_tokens"].as_u64().expect("completion tokens");
+    // The same prompt again, read to the end, costs the same.
+    let mut reference = chat_body("I will hang up early", true);
+    reference["stream_options"] = json!({"include_usage": true});
+    let (_, data) = stream(&gw, "/v1/chat/completions", &reference).await;
+    assert_eq!(usage_chunks(&data)[0]["usage"]["completion_tokens"].as_u64(), Some(completion));
+}
+
+#[tokio::test]
+async fn a_backend_that_breaks_off_mid_stream_ends_with_an_error_event() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("api-key", KEY)
+        .header("x-sim-fault", "drop")
+        .json(&chat_body("this will break", true))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let data = sse_data(&response.text().await.expect("body"));
+    assert!(
+        !data.is_empty() && !data.contains(&"[DONE]".to_owned()),
+        "a truncated stream must not look complete: {data:?}"
+    );
+    let last: Value = serde_json::from_str(data.last().expect("an event")).expect("json");
+    assert_eq!(last["error"]["code"], "backend_unavailable", "the stream ends with an OpenAI error event: {last}");
+    let log = gw.proc.request_log(&id).await;
+    assert_eq!(log["stream_incomplete"], true, "{log}");
+}
