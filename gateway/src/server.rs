@@ -7,8 +7,8 @@
 //! 2. `x-gateway-instance` on every response;
 //! 3. request id: a fresh `x-request-id` for every request (a client's own id is not trusted, as
 //!    accounting is keyed by it), on the response and to the backend;
-//! 4. the router: `/health`, `/ready`, each API's routes (which hand the request to the API's
-//!    [`Pipeline`] in a task of its own), and OpenAI-shaped 404/405 fallbacks.
+//! 4. the router: `/health`, `/ready`, each API's routes (which run the request through the API's
+//!    [`Pipeline`]), and OpenAI-shaped 404/405 fallbacks.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +23,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use axum::serve::ListenerExt;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
-use tokio::sync::{oneshot, watch};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -41,6 +44,7 @@ pub struct Gateway {
     pub backends: BTreeMap<String, Arc<Backend>>,
     apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
     shared: Arc<Shared>,
+    log: RequestLog,
 }
 
 struct Shared {
@@ -87,15 +91,16 @@ impl Gateway {
         }
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
+        let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
         let mut apis = Vec::new();
         for (id, api) in &config.apis {
+            let max_body = config.server.max_body_bytes;
             let pipeline =
-                Pipeline::build(id, api, &backends, &subscriptions, config.server.max_body_bytes, log.clone())
+                Pipeline::build(id, api, &backends, &subscriptions, max_body, log.clone(), shared.tasks.clone())
                     .map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
             apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
         }
-        let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
-        Ok(Self { config, backends, apis, shared })
+        Ok(Self { config, backends, apis, shared, log })
     }
 
     pub fn router(&self, instance: &str) -> Router {
@@ -175,10 +180,7 @@ impl Gateway {
                     variables: Default::default(),
                     outcome: Outcome::default(),
                 };
-                let (reply, response) = oneshot::channel();
-                tasks.spawn(pipeline.run(ctx, body, reply));
-                // Only a panic in the pipeline drops `reply` unanswered.
-                response.await.unwrap_or_else(|_| GatewayError::Internal.into_response())
+                CompleteOnDrop::new(pipeline.run(ctx, body), tasks).await
             }
         };
         any(handler)
@@ -237,7 +239,47 @@ impl Gateway {
                 "shutdown grace period over; exiting with accounting unfinished"
             );
         }
+        self.log.flush();
         Ok(())
+    }
+}
+
+/// Runs a request's future in the connection's own task (no hand-off to another task on the
+/// common path), but if the connection drops it before it is done, because the client went away,
+/// moves the rest of it into a tracked task so the backend call, accounting and log still finish.
+struct CompleteOnDrop<F: Future<Output = Response> + Send + 'static> {
+    run: Option<Pin<Box<F>>>,
+    tasks: TaskTracker,
+}
+
+impl<F: Future<Output = Response> + Send + 'static> CompleteOnDrop<F> {
+    fn new(run: F, tasks: TaskTracker) -> Self {
+        Self { run: Some(Box::pin(run)), tasks }
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Future for CompleteOnDrop<F> {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let Some(run) = self.run.as_mut() else { return Poll::Ready(GatewayError::Internal.into_response()) };
+        let response = std::task::ready!(run.as_mut().poll(cx));
+        self.run = None;
+        Poll::Ready(response)
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Drop for CompleteOnDrop<F> {
+    fn drop(&mut self) {
+        // A run that panicked cannot be resumed; CatchPanic answers that request.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(run) = self.run.take() {
+            self.tasks.spawn(async move {
+                run.await;
+            });
+        }
     }
 }
 

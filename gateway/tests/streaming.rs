@@ -146,6 +146,34 @@ async fn a_client_that_disconnects_mid_stream_is_still_accounted_for() {
 }
 
 #[tokio::test]
+async fn a_client_that_hangs_up_before_a_json_answer_is_still_accounted_for() {
+    let (_sim, gw) = start_pair(&[], "").await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let body = chat_body("I will not wait for this", false).to_string();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    // `Expect: 100-continue` makes the gateway say when its handler is running (it reads the body),
+    // so the client leaves while the request is in the gateway's hands, not before it arrived.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\napi-key: {KEY}\r\nx-sim-ttft-ms: 400\r\n\
+         expect: 100-continue\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.expect("write head");
+    let mut buffer = [0u8; 256];
+    let n = socket.read(&mut buffer).await.expect("read");
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 100 Continue"));
+    socket.write_all(body.as_bytes()).await.expect("write body");
+    drop(socket);
+    let line = gw
+        .proc
+        .wait_line("the request's log line", |l| l.contains("\"aigw::request\"") && l.contains("\"chat-completions\""))
+        .await;
+    let log: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(log["status"], 200, "the backend call finished without its client: {log}");
+    assert!(log["completion_tokens"].as_u64().is_some_and(|t| t > 0), "{log}");
+}
+
+#[tokio::test]
 async fn a_backend_that_breaks_off_mid_stream_ends_with_an_error_event() {
     let (_sim, gw) = start_pair(&[], "").await;
     let response = client()

@@ -13,8 +13,9 @@
 //!    client left), with the usage known. Accounting (token limits, metrics, the ledger) hooks in
 //!    here. Then the request log line is written.
 //!
-//! The whole run happens in a task of its own, so a client that disconnects cannot cut steps 2-5
-//! short; graceful shutdown waits for these tasks.
+//! A client that disconnects cannot cut steps 2-5 short: the server moves a run whose client went
+//! away into a task of its own (see `server::CompleteOnDrop`), and a streamed response is relayed
+//! by a task of its own. Graceful shutdown waits for these tasks.
 //!
 //! Adding a policy: a module here implementing [`Policy`], a variant in `config::PolicyConfig`,
 //! and a line in [`build_policy`].
@@ -32,7 +33,8 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderName, header};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::access_log::RequestLog;
 use crate::backend::{Backend, forwardable_response_header};
@@ -83,6 +85,7 @@ pub struct Pipeline {
     default_backend: Option<Arc<Backend>>,
     max_body_bytes: usize,
     log: RequestLog,
+    tasks: TaskTracker,
 }
 
 fn build_policy(config: &PolicyConfig, backends: &BTreeMap<String, Arc<Backend>>) -> Result<Box<dyn Policy>, String> {
@@ -106,6 +109,7 @@ impl Pipeline {
         subscriptions: &Arc<SubscriptionStore>,
         max_body_bytes: usize,
         log: RequestLog,
+        tasks: TaskTracker,
     ) -> Result<Self, String> {
         let section = |policies: &[PolicyConfig]| -> Result<Vec<Box<dyn Policy>>, String> {
             policies.iter().map(|p| build_policy(p, backends)).collect()
@@ -123,27 +127,37 @@ impl Pipeline {
             default_backend: config.backend.as_ref().and_then(|b| backends.get(b).cloned()),
             max_body_bytes,
             log,
+            tasks,
         })
     }
 
-    /// Runs one request from inbound to completed. The response goes out through `reply` as soon
-    /// as it is ready; the rest (stream relay, accounting, log) continues after.
-    pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body, reply: oneshot::Sender<Response>) {
+    /// Runs one request and returns its response. For JSON the completed phase and the log line
+    /// are done by then; a stream is relayed, completed and logged by a task of its own.
+    pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body) -> Response {
         let (response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
             Ok(ready) => ready,
             Err(error) => (self.error_response(&mut ctx, error).await, None),
         };
         ctx.outcome.status = response.status().as_u16();
         ctx.outcome.first_byte_us = elapsed_us(&ctx);
-        // The client may be gone already; the exchange is still completed and accounted for.
-        let _ = reply.send(response);
-        if let Some(stream) = stream {
-            stream.relay(&mut ctx).await;
+        match stream {
+            Some(stream) => {
+                let this = self.clone();
+                self.tasks.spawn(async move {
+                    stream.relay(&mut ctx).await;
+                    this.complete(&ctx).await;
+                });
+            }
+            None => self.complete(&ctx).await,
         }
+        response
+    }
+
+    async fn complete(&self, ctx: &RequestContext) {
         for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
-            policy.completed(&ctx).await;
+            policy.completed(ctx).await;
         }
-        self.log.record(&ctx);
+        self.log.record(ctx);
     }
 
     async fn respond(
