@@ -40,7 +40,6 @@ pub enum GatewayError {
     BackendTimeout {
         backend: String,
     },
-    ShuttingDown,
     Internal,
 }
 
@@ -58,7 +57,6 @@ impl GatewayError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,7 +72,6 @@ impl GatewayError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BackendUnavailable { .. } => "backend_unavailable",
             Self::BackendTimeout { .. } => "backend_timeout",
-            Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal_error",
         }
     }
@@ -100,7 +97,6 @@ impl GatewayError {
             Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),
             Self::BackendUnavailable { backend, detail } => format!("Backend {backend:?} is unavailable: {detail}"),
             Self::BackendTimeout { backend } => format!("Backend {backend:?} did not answer in time."),
-            Self::ShuttingDown => "The gateway is shutting down; retry on another instance.".to_owned(),
             Self::Internal => "The gateway hit an internal error.".to_owned(),
         }
     }
@@ -142,14 +138,9 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), self.body()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response.extensions_mut().insert(ErrorCode(self.code()));
         response
     }
 }
-
-/// Marks a response as a gateway error so the request log can say which one.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorCode(pub &'static str);
 
 #[cfg(test)]
 mod tests {

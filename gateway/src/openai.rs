@@ -134,20 +134,20 @@ impl ChatRequest {
         if !add_usage && add_model.is_none() {
             return raw.clone();
         }
-        let mut body = self.body.clone();
-        if add_usage {
-            let options = body.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
-            if !options.is_object() {
-                *options = Value::Object(Map::new());
+        reserialize(&self.body, raw, |body| {
+            if add_usage {
+                let options = body.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+                if !options.is_object() {
+                    *options = Value::Object(Map::new());
+                }
+                if let Some(options) = options.as_object_mut() {
+                    options.insert("include_usage".to_owned(), Value::Bool(true));
+                }
             }
-            if let Some(options) = options.as_object_mut() {
-                options.insert("include_usage".to_owned(), Value::Bool(true));
+            if let Some(model) = add_model {
+                body.insert("model".to_owned(), Value::String(model.to_owned()));
             }
-        }
-        if let Some(model) = add_model {
-            body.insert("model".to_owned(), Value::String(model.to_owned()));
-        }
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_else(|_| raw.to_vec()))
+        })
     }
 }
 
@@ -182,13 +182,18 @@ impl EmbeddingsRequest {
     pub fn backend_body(&self, raw: &Bytes, model_to_add: Option<&str>) -> Bytes {
         match model_to_add.filter(|_| self.model.is_none()) {
             None => raw.clone(),
-            Some(model) => {
-                let mut body = self.body.clone();
+            Some(model) => reserialize(&self.body, raw, |body| {
                 body.insert("model".to_owned(), Value::String(model.to_owned()));
-                Bytes::from(serde_json::to_vec(&body).unwrap_or_else(|_| raw.to_vec()))
-            }
+            }),
         }
     }
+}
+
+/// The body with `edit` applied; only called when something changes, since it re-serialises.
+fn reserialize(body: &Map<String, Value>, raw: &Bytes, edit: impl FnOnce(&mut Map<String, Value>)) -> Bytes {
+    let mut body = body.clone();
+    edit(&mut body);
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_else(|_| raw.to_vec()))
 }
 
 /// Token usage of one call, as the gateway accounts for it.
