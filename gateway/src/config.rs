@@ -24,6 +24,38 @@ pub struct Config {
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
     pub apis: BTreeMap<String, ApiConfig>,
+    /// Shared counters for limits and quotas; without it each instance counts on its own.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; or name an environment variable with `url-env` (URLs may hold a password).
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Bounds every Redis call; a slower answer counts as a failure.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long the breaker keeps Redis out after repeated failures before probing it again.
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    50
+}
+fn default_breaker_cooldown_ms() -> u64 {
+    1_000
+}
+
+impl RedisConfig {
+    pub fn resolved_url(&self, env: EnvLookup<'_>) -> Option<String> {
+        self.url.clone().or_else(|| self.url_env.as_deref().and_then(env))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +198,9 @@ fn yes() -> bool {
 pub enum PolicyConfig {
     SetHeader(SetHeaderConfig),
     SetBackendService(SetBackendServiceConfig),
+    TokenLimit(TokenLimitConfig),
+    RateLimitByKey(CallLimitConfig),
+    QuotaByKey(CallLimitConfig),
 }
 
 impl PolicyConfig {
@@ -173,8 +208,73 @@ impl PolicyConfig {
         match self {
             Self::SetHeader(_) => "set-header",
             Self::SetBackendService(_) => "set-backend-service",
+            Self::TokenLimit(_) => "token-limit",
+            Self::RateLimitByKey(_) => "rate-limit-by-key",
+            Self::QuotaByKey(_) => "quota-by-key",
         }
     }
+}
+
+fn default_counter_key() -> String {
+    "{subscription.id}".to_owned()
+}
+
+/// API Management's llm-token-limit: tokens per minute (sliding) and a token quota per period.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TokenLimitConfig {
+    /// A template; callers with the same key share the counters.
+    #[serde(default = "default_counter_key")]
+    pub counter_key: String,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub token_quota: Option<u64>,
+    #[serde(default)]
+    pub token_quota_period: Option<QuotaPeriod>,
+    /// Count the prompt's tokens before calling the backend (tiktoken) and reserve them.
+    #[serde(default = "yes")]
+    pub estimate_prompt_tokens: bool,
+    /// Completion tokens reserved when the request sets no `max_tokens`/`max_completion_tokens`.
+    #[serde(default = "default_completion_tokens")]
+    pub default_completion_tokens: u64,
+    #[serde(default)]
+    pub remaining_tokens_header: Option<String>,
+    #[serde(default)]
+    pub remaining_quota_tokens_header: Option<String>,
+    #[serde(default)]
+    pub tokens_consumed_header: Option<String>,
+    #[serde(default)]
+    pub on_store_failure: crate::store::OnStoreFailure,
+}
+
+fn default_completion_tokens() -> u64 {
+    256
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuotaPeriod {
+    Hourly,
+    Daily,
+    Weekly,
+    Monthly,
+    Yearly,
+}
+
+/// API Management's rate-limit-by-key (sliding window, 429) and quota-by-key (fixed periods, 403).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CallLimitConfig {
+    #[serde(default = "default_counter_key")]
+    pub counter_key: String,
+    pub calls: u64,
+    /// Seconds.
+    pub renewal_period: u64,
+    #[serde(default)]
+    pub remaining_calls_header: Option<String>,
+    #[serde(default)]
+    pub on_store_failure: crate::store::OnStoreFailure,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +379,21 @@ impl Config {
             }
         }
 
+        if let Some(redis) = &self.redis {
+            match (&redis.url, &redis.url_env) {
+                (Some(url), None) => {
+                    redis::Client::open(url.as_str()).map_err(|e| {
+                        ConfigError::at("redis.url", format!("not a Redis URL: {:?}", e.kind()))
+                    })?;
+                }
+                (None, Some(var)) => require_env(env, var, "redis.url-env")?,
+                _ => return Err(ConfigError::at("redis.url", "set exactly one of url and url-env")),
+            }
+            if redis.timeout_ms == 0 || redis.breaker_cooldown_ms == 0 {
+                return Err(ConfigError::at("redis.timeout-ms", "timeouts must be greater than 0"));
+            }
+        }
+
         let mut subscription_ids = std::collections::HashSet::new();
         for (i, sub) in self.subscriptions.iter().enumerate() {
             let at = |field: &str| format!("subscriptions[{i}].{field}");
@@ -350,6 +465,19 @@ impl Config {
                             crate::policy::set_header::SetHeader::new(p)
                                 .map_err(|msg| ConfigError::at(at("name"), msg))?;
                         }
+                        PolicyConfig::TokenLimit(p) => {
+                            if section != "inbound" {
+                                return Err(ConfigError::at(at("policy"), "token-limit belongs in inbound"));
+                            }
+                            validate_token_limit(p, &at)?;
+                        }
+                        PolicyConfig::RateLimitByKey(p) | PolicyConfig::QuotaByKey(p) => {
+                            if section != "inbound" {
+                                let message = format!("{} belongs in inbound", policy.name());
+                                return Err(ConfigError::at(at("policy"), message));
+                            }
+                            validate_call_limit(p, &at)?;
+                        }
                     }
                 }
             }
@@ -362,6 +490,56 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_template(template: &str, path: String) -> Result<(), ConfigError> {
+    crate::policy::template::Template::parse(template).map(drop).map_err(|msg| ConfigError::at(path, msg))
+}
+
+fn validate_header(name: &Option<String>, path: String) -> Result<(), ConfigError> {
+    match name {
+        Some(name) if http::HeaderName::try_from(name.as_str()).is_err() => {
+            Err(ConfigError::at(path, format!("not a header name: {name:?}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_token_limit(p: &TokenLimitConfig, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    validate_template(&p.counter_key, at("counter-key"))?;
+    if p.tokens_per_minute.is_none() && p.token_quota.is_none() {
+        return Err(ConfigError::at(at("tokens-per-minute"), "set tokens-per-minute, token-quota, or both"));
+    }
+    if p.tokens_per_minute == Some(0) {
+        return Err(ConfigError::at(at("tokens-per-minute"), "must be greater than 0"));
+    }
+    match (p.token_quota, p.token_quota_period) {
+        (Some(0), _) => return Err(ConfigError::at(at("token-quota"), "must be greater than 0")),
+        (Some(_), None) => {
+            return Err(ConfigError::at(
+                at("token-quota-period"),
+                "required with token-quota (hourly, daily, weekly, monthly, yearly)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::at(at("token-quota"), "token-quota-period is set but token-quota is not"));
+        }
+        _ => {}
+    }
+    validate_header(&p.remaining_tokens_header, at("remaining-tokens-header"))?;
+    validate_header(&p.remaining_quota_tokens_header, at("remaining-quota-tokens-header"))?;
+    validate_header(&p.tokens_consumed_header, at("tokens-consumed-header"))
+}
+
+fn validate_call_limit(p: &CallLimitConfig, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    validate_template(&p.counter_key, at("counter-key"))?;
+    if p.calls == 0 {
+        return Err(ConfigError::at(at("calls"), "must be greater than 0"));
+    }
+    if p.renewal_period == 0 {
+        return Err(ConfigError::at(at("renewal-period"), "must be greater than 0 (seconds)"));
+    }
+    validate_header(&p.remaining_calls_header, at("remaining-calls-header"))
 }
 
 fn require_env(env: EnvLookup<'_>, var: &str, path: &str) -> Result<(), ConfigError> {
@@ -452,6 +630,47 @@ mod tests {
         );
         let placeholder = err(&MINIMAL.replace("{subscription.team}", "{subscription.tema}"));
         assert!(placeholder.starts_with("apis.aoai.outbound[0]"), "{placeholder}");
+    }
+
+    #[test]
+    fn limit_policies_are_validated() {
+        let anchor = "backend = \"sim\"\n        outbound";
+        assert!(MINIMAL.contains(anchor));
+        let with =
+            |policy: &str| MINIMAL.replace(anchor, &format!("backend = \"sim\"\ninbound = [{policy}]\noutbound"));
+        Config::parse(&with(r#"{ policy = "token-limit", tokens-per-minute = 1000 }"#), &no_env).expect("valid");
+        Config::parse(&with(r#"{ policy = "rate-limit-by-key", calls = 5, renewal-period = 10 }"#), &no_env)
+            .expect("valid");
+        let cases = [
+            (
+                r#"{ policy = "token-limit" }"#,
+                "apis.aoai.inbound[0].tokens-per-minute: set tokens-per-minute, token-quota, or both",
+            ),
+            (r#"{ policy = "token-limit", token-quota = 5 }"#, "apis.aoai.inbound[0].token-quota-period: required"),
+            (
+                r#"{ policy = "token-limit", tokens-per-minute = 0 }"#,
+                "apis.aoai.inbound[0].tokens-per-minute: must be greater than 0",
+            ),
+            (
+                r#"{ policy = "token-limit", token-quota = 5, token-quota-period = "fortnightly" }"#,
+                "apis.aoai.inbound[0]",
+            ),
+            (
+                r#"{ policy = "token-limit", tokens-per-minute = 9, counter-key = "{team" }"#,
+                "apis.aoai.inbound[0].counter-key",
+            ),
+            (r#"{ policy = "quota-by-key", calls = 5, renewal-period = 0 }"#, "apis.aoai.inbound[0].renewal-period"),
+            (r#"{ policy = "rate-limit-by-key", calls = 0, renewal-period = 5 }"#, "apis.aoai.inbound[0].calls"),
+        ];
+        for (policy, expected) in cases {
+            let message = err(&with(policy));
+            assert!(message.starts_with(expected), "{policy}: {message}");
+        }
+        let outbound =
+            MINIMAL.replace("outbound = [", "outbound = [{ policy = \"token-limit\", tokens-per-minute = 5 }, ");
+        assert!(err(&outbound).contains("token-limit belongs in inbound"));
+        let redis = format!("{MINIMAL}\n[redis]\nurl = \"http://not-redis\"\n");
+        assert!(err(&redis).starts_with("redis.url: not a Redis URL"), "{}", err(&redis));
     }
 
     #[test]

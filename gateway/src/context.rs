@@ -95,7 +95,26 @@ pub struct RequestContext {
     pub usage: Option<Usage>,
     /// Named values policies hand to later policies.
     pub variables: HashMap<String, String>,
+    /// What limit policies reserved, to be reconciled when the exchange is complete.
+    pub reservations: Vec<Reservation>,
     pub outcome: Outcome,
+}
+
+/// A limit policy's reservation in the counter store.
+#[derive(Debug)]
+pub struct Reservation {
+    /// The policy that made it (its id in the pipeline).
+    pub policy: usize,
+    pub ticket: crate::store::Ticket,
+    pub source: crate::store::Source,
+    /// What each of the policy's limits had left after the reservation.
+    pub remaining: Vec<u64>,
+}
+
+impl RequestContext {
+    pub fn reservation(&self, policy: usize) -> Option<&Reservation> {
+        self.reservations.iter().find(|r| r.policy == policy)
+    }
 }
 
 /// How the exchange ended, for the completion phase and the request log.

@@ -40,6 +40,29 @@ pub enum GatewayError {
     BackendTimeout {
         backend: String,
     },
+    /// token-limit: the per-minute window is full.
+    TokenLimitExceeded {
+        retry_after_secs: u64,
+    },
+    /// token-limit: the period's token quota is used up.
+    TokenQuotaExceeded {
+        retry_after_secs: u64,
+    },
+    /// token-limit: the request alone needs more tokens than a window or quota allows.
+    TokensOverLimit {
+        needed: u64,
+        max: u64,
+    },
+    /// rate-limit-by-key.
+    RateLimitExceeded {
+        retry_after_secs: u64,
+    },
+    /// quota-by-key.
+    CallQuotaExceeded {
+        retry_after_secs: u64,
+    },
+    /// The shared counter store is unavailable and the policy fails closed.
+    LimitStoreUnavailable,
     Internal,
 }
 
@@ -57,6 +80,11 @@ impl GatewayError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::TokenLimitExceeded { .. } | Self::TokensOverLimit { .. } | Self::RateLimitExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::TokenQuotaExceeded { .. } | Self::CallQuotaExceeded { .. } => StatusCode::FORBIDDEN,
+            Self::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +100,12 @@ impl GatewayError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BackendUnavailable { .. } => "backend_unavailable",
             Self::BackendTimeout { .. } => "backend_timeout",
+            Self::TokenLimitExceeded { .. } => "token_limit_exceeded",
+            Self::TokenQuotaExceeded { .. } => "token_quota_exceeded",
+            Self::TokensOverLimit { .. } => "tokens_over_limit",
+            Self::RateLimitExceeded { .. } => "rate_limit_exceeded",
+            Self::CallQuotaExceeded { .. } => "call_quota_exceeded",
+            Self::LimitStoreUnavailable => "limit_store_unavailable",
             Self::Internal => "internal_error",
         }
     }
@@ -79,6 +113,8 @@ impl GatewayError {
     fn kind(&self) -> &'static str {
         match self.status().as_u16() {
             401 => "authentication_error",
+            429 => "rate_limit_error",
+            403 => "permission_error",
             400..=499 => "invalid_request_error",
             _ => "server_error",
         }
@@ -97,7 +133,39 @@ impl GatewayError {
             Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),
             Self::BackendUnavailable { backend, detail } => format!("Backend {backend:?} is unavailable: {detail}"),
             Self::BackendTimeout { backend } => format!("Backend {backend:?} did not answer in time."),
+            // API Management's wording for each limit.
+            Self::TokenLimitExceeded { retry_after_secs } => {
+                format!("Token limit is exceeded. Try again in {retry_after_secs} seconds.")
+            }
+            Self::TokenQuotaExceeded { retry_after_secs } => {
+                format!("Token quota is exceeded. Try again in {retry_after_secs} seconds.")
+            }
+            Self::TokensOverLimit { needed, max } => format!(
+                "Request too large: it needs an estimated {needed} tokens, but the limit is {max}. \
+                 Shorten the prompt or lower max_tokens."
+            ),
+            Self::RateLimitExceeded { retry_after_secs } => {
+                format!("Rate limit is exceeded. Try again in {retry_after_secs} seconds.")
+            }
+            Self::CallQuotaExceeded { retry_after_secs } => {
+                let (h, m, s) = (retry_after_secs / 3600, retry_after_secs / 60 % 60, retry_after_secs % 60);
+                format!("Out of call volume quota. Quota will be replenished in {h:02}:{m:02}:{s:02}.")
+            }
+            Self::LimitStoreUnavailable => {
+                "The limit counters are unavailable, and this API refuses requests until they are back.".to_owned()
+            }
             Self::Internal => "The gateway hit an internal error.".to_owned(),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, sent as `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::TokenLimitExceeded { retry_after_secs }
+            | Self::TokenQuotaExceeded { retry_after_secs }
+            | Self::RateLimitExceeded { retry_after_secs }
+            | Self::CallQuotaExceeded { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
         }
     }
 
@@ -138,6 +206,9 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), self.body()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after_secs() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         response
     }
 }

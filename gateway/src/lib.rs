@@ -12,4 +12,6 @@ pub mod policy;
 pub mod quickstart;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod subscription;
+pub mod tokens;

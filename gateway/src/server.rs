@@ -36,7 +36,9 @@ use crate::backend::Backend;
 use crate::config::{ApiKind, Config, ConfigError, EnvLookup};
 use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
-use crate::policy::Pipeline;
+use crate::policy::{Pipeline, PolicyDeps};
+use crate::store::redis::RedisStore;
+use crate::store::{Clock, Counters, SystemClock};
 use crate::subscription::SubscriptionStore;
 
 pub struct Gateway {
@@ -45,6 +47,22 @@ pub struct Gateway {
     apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
     shared: Arc<Shared>,
     log: RequestLog,
+    counters: Arc<Counters>,
+}
+
+/// The counter store, chosen once: Redis when configured (shared by every instance), else memory.
+fn counters(config: &Config, env: EnvLookup<'_>) -> Result<Counters, ConfigError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let Some(redis) = &config.redis else { return Ok(Counters::in_memory(clock)) };
+    let url = redis.resolved_url(env).ok_or_else(|| ConfigError::at("redis.url-env", "the variable is not set"))?;
+    let store = RedisStore::new(
+        &url,
+        Duration::from_millis(redis.timeout_ms),
+        Duration::from_millis(redis.breaker_cooldown_ms),
+        None,
+    )
+    .map_err(|e| ConfigError::at("redis.url", e))?;
+    Ok(Counters::shared(Arc::new(store), clock))
 }
 
 struct Shared {
@@ -92,23 +110,31 @@ impl Gateway {
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
+        let counters = Arc::new(counters(&config, env)?);
+        let deps = PolicyDeps {
+            backends: &backends,
+            subscriptions: &subscriptions,
+            counters: &counters,
+            max_body_bytes: config.server.max_body_bytes,
+            log: log.clone(),
+            tasks: shared.tasks.clone(),
+        };
         let mut apis = Vec::new();
         for (id, api) in &config.apis {
-            let max_body = config.server.max_body_bytes;
-            let pipeline =
-                Pipeline::build(id, api, &backends, &subscriptions, max_body, log.clone(), shared.tasks.clone())
-                    .map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
+            let pipeline = Pipeline::build(id, api, &deps).map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
             apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
         }
-        Ok(Self { config, backends, apis, shared, log })
+        Ok(Self { config, backends, apis, shared, log, counters })
     }
 
     pub fn router(&self, instance: &str) -> Router {
         let ready_shared = self.shared.clone();
+        let counters = self.counters.clone();
         let backend_ids: Vec<String> = self.backends.keys().cloned().collect();
         let mut router = Router::new()
             .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
-            .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())));
+            .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())))
+            .route("/metrics", get(move || metrics(counters.clone())));
         for (kind, prefix, pipeline) in &self.apis {
             match kind {
                 ApiKind::Openai => {
@@ -178,6 +204,7 @@ impl Gateway {
                     backend: None,
                     usage: None,
                     variables: Default::default(),
+                    reservations: Vec::new(),
                     outcome: Outcome::default(),
                 };
                 CompleteOnDrop::new(pipeline.run(ctx, body), tasks).await
@@ -289,6 +316,31 @@ async fn ready(shared: Arc<Shared>, backends: Vec<String>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "draining" }))).into_response()
     }
+}
+
+/// Prometheus text for what has no other home yet: the counter store's health.
+async fn metrics(counters: Arc<Counters>) -> Response {
+    let stats = &counters.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let body = format!(
+        "# HELP aigw_limit_store_failures_total Counter-store operations that failed, timed out, or were skipped while the breaker was open.\n\
+         # TYPE aigw_limit_store_failures_total counter\n\
+         aigw_limit_store_failures_total {}\n\
+         # HELP aigw_limit_store_fallback_total Limit decisions made on this instance's own counters (fail-open).\n\
+         # TYPE aigw_limit_store_fallback_total counter\n\
+         aigw_limit_store_fallback_total {}\n\
+         # HELP aigw_limit_store_refused_total Requests refused because the counter store was unavailable (fail-closed).\n\
+         # TYPE aigw_limit_store_refused_total counter\n\
+         aigw_limit_store_refused_total {}\n\
+         # HELP aigw_limit_store_shared Whether limits are counted in a store shared by every instance.\n\
+         # TYPE aigw_limit_store_shared gauge\n\
+         aigw_limit_store_shared {}\n",
+        load(&stats.failures),
+        load(&stats.fallback_decisions),
+        load(&stats.refused_unavailable),
+        u8::from(counters.shared),
+    );
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// The gateway's id for one request.

@@ -9,6 +9,7 @@
 //!    default; streams always ask for usage.
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
+//!    Then every policy may add its response headers (limit policies report what is left).
 //! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
 //!    client left), with the usage known. Accounting (token limits, metrics, the ledger) hooks in
 //!    here. Then the request log line is written.
@@ -20,13 +21,16 @@
 //! Adding a policy: a module here implementing [`Policy`], a variant in `config::PolicyConfig`,
 //! and a line in [`build_policy`].
 
+pub mod call_limit;
 pub mod set_backend_service;
 pub mod set_header;
 pub mod subscription_key;
 pub mod template;
+pub mod token_limit;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -43,6 +47,7 @@ use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, R
 use crate::error::GatewayError;
 use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
 use crate::sse::SseRelay;
+use crate::store::Counters;
 use crate::subscription::SubscriptionStore;
 
 pub type ResponseHead = http::response::Parts;
@@ -73,6 +78,15 @@ pub trait Policy: Send + Sync {
 
     async fn on_error(&self, _ctx: &mut RequestContext, _error: &GatewayError, _response: &mut ResponseHead) {}
 
+    /// Headers this policy puts on the response, whatever section it is configured in and whether
+    /// the request succeeded or not: how limit policies in inbound report what is left.
+    fn response_headers(&self, _ctx: &RequestContext, _headers: &mut http::HeaderMap) {}
+
+    /// Whether `completed` does work (accounting), so the pipeline runs it off the response path.
+    fn has_completion(&self) -> bool {
+        false
+    }
+
     async fn completed(&self, _ctx: &RequestContext) {}
 }
 
@@ -86,11 +100,35 @@ pub struct Pipeline {
     max_body_bytes: usize,
     log: RequestLog,
     tasks: TaskTracker,
+    /// Some policy accounts in `completed`: run it after the response, not before.
+    defer_completion: bool,
 }
 
-fn build_policy(config: &PolicyConfig, backends: &BTreeMap<String, Arc<Backend>>) -> Result<Box<dyn Policy>, String> {
+/// What policies are built with, besides their own config.
+pub struct PolicyDeps<'a> {
+    pub backends: &'a BTreeMap<String, Arc<Backend>>,
+    pub subscriptions: &'a Arc<SubscriptionStore>,
+    pub counters: &'a Arc<Counters>,
+    pub max_body_bytes: usize,
+    pub log: RequestLog,
+    pub tasks: TaskTracker,
+}
+
+/// Ids that tell a policy's own reservation apart from another's in the request context.
+static POLICY_IDS: AtomicUsize = AtomicUsize::new(0);
+
+fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn Policy>, String> {
+    let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
+    let backends = deps.backends;
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
+        PolicyConfig::TokenLimit(c) => Box::new(token_limit::TokenLimit::new(id, c, deps.counters.clone())?),
+        PolicyConfig::RateLimitByKey(c) => {
+            Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Rate, c, deps.counters.clone())?)
+        }
+        PolicyConfig::QuotaByKey(c) => {
+            Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Quota, c, deps.counters.clone())?)
+        }
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
             backend: backends
                 .get(&c.backend_id)
@@ -102,42 +140,42 @@ fn build_policy(config: &PolicyConfig, backends: &BTreeMap<String, Arc<Backend>>
 
 impl Pipeline {
     /// Builds an API's pipeline from validated config.
-    pub fn build(
-        id: &str,
-        config: &ApiConfig,
-        backends: &BTreeMap<String, Arc<Backend>>,
-        subscriptions: &Arc<SubscriptionStore>,
-        max_body_bytes: usize,
-        log: RequestLog,
-        tasks: TaskTracker,
-    ) -> Result<Self, String> {
+    pub fn build(id: &str, config: &ApiConfig, deps: &PolicyDeps<'_>) -> Result<Self, String> {
         let section = |policies: &[PolicyConfig]| -> Result<Vec<Box<dyn Policy>>, String> {
-            policies.iter().map(|p| build_policy(p, backends)).collect()
+            policies.iter().map(|p| build_policy(p, deps)).collect()
         };
         let mut inbound: Vec<Box<dyn Policy>> = Vec::new();
         if config.subscription_required {
-            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth { store: subscriptions.clone() }));
+            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth { store: deps.subscriptions.clone() }));
         }
         inbound.extend(section(&config.inbound)?);
+        let outbound = section(&config.outbound)?;
+        let on_error = section(&config.on_error)?;
+        let defer_completion = inbound.iter().chain(&outbound).chain(&on_error).any(|p| p.has_completion());
         Ok(Self {
             api: Arc::new(ApiInfo { id: id.to_owned() }),
             inbound,
-            outbound: section(&config.outbound)?,
-            on_error: section(&config.on_error)?,
-            default_backend: config.backend.as_ref().and_then(|b| backends.get(b).cloned()),
-            max_body_bytes,
-            log,
-            tasks,
+            outbound,
+            on_error,
+            default_backend: config.backend.as_ref().and_then(|b| deps.backends.get(b).cloned()),
+            max_body_bytes: deps.max_body_bytes,
+            log: deps.log.clone(),
+            tasks: deps.tasks.clone(),
+            defer_completion,
         })
     }
 
-    /// Runs one request and returns its response. For JSON the completed phase and the log line
-    /// are done by then; a stream is relayed, completed and logged by a task of its own.
+    /// Runs one request and returns its response. A stream is relayed, completed and logged by a
+    /// task of its own; so is the completion of a JSON answer when it has accounting to do (a
+    /// store round trip); otherwise it is done before returning, which costs nothing.
     pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body) -> Response {
-        let (response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
+        let (mut response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
             Ok(ready) => ready,
             Err(error) => (self.error_response(&mut ctx, error).await, None),
         };
+        for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
+            policy.response_headers(&ctx, response.headers_mut());
+        }
         ctx.outcome.status = response.status().as_u16();
         ctx.outcome.first_byte_us = elapsed_us(&ctx);
         match stream {
@@ -147,6 +185,10 @@ impl Pipeline {
                     stream.relay(&mut ctx).await;
                     this.complete(&ctx).await;
                 });
+            }
+            None if self.defer_completion => {
+                let this = self.clone();
+                self.tasks.spawn(async move { this.complete(&ctx).await });
             }
             None => self.complete(&ctx).await,
         }

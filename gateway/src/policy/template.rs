@@ -64,6 +64,11 @@ impl Template {
         Ok(Self { segments })
     }
 
+    /// Whether rendering needs the parsed body (the model comes from it).
+    pub fn reads_body(&self) -> bool {
+        self.segments.iter().any(|s| matches!(s, Segment::Model))
+    }
+
     /// The value for this request; placeholders with no value (no subscription yet, a missing
     /// header) render as empty text.
     pub fn render(&self, ctx: &RequestContext) -> String {

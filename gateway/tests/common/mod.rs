@@ -309,3 +309,31 @@ pub async fn openai_error(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(body["statusCode"], status, "{body}");
     body
 }
+
+/// A `redis-server` of the test's own on a free loopback port (never the machine's 6379), keeping
+/// nothing on disk. Killed when dropped.
+pub struct RedisServer {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        Self::start_on(port).await
+    }
+
+    /// Starts (or restarts) a server on a given port.
+    pub async fn start_on(port: u16) -> Self {
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--loglevel", "notice", "--daemonize", "no"]);
+        let proc = Proc::spawn(command);
+        proc.wait_line("redis-server's ready line", |l| l.contains("Ready to accept connections")).await;
+        Self { proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}

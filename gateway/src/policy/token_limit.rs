@@ -1,0 +1,162 @@
+//! `token-limit`: API Management's llm-token-limit. Tokens per minute over a sliding window and
+//! a token quota per calendar period, counted per counter key (the subscription by default),
+//! shared by every instance through the counter store.
+//!
+//! Reserve-then-reconcile: before the backend is called, the estimated prompt tokens plus the
+//! expected completion (`max_tokens`, else `default-completion-tokens`) are reserved in both
+//! windows in one atomic step, so concurrent requests cannot all slip under the limit. When the
+//! exchange is complete the reservation is replaced by the real usage, or given back if the call
+//! failed, was answered without the backend, or its usage is unknown.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{Flow, Policy, template::Template};
+use crate::config::{QuotaPeriod, TokenLimitConfig};
+use crate::context::{Payload, RequestContext, Reservation};
+use crate::error::GatewayError;
+use crate::store::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
+use crate::tokens::TokenEstimator;
+
+pub struct TokenLimit {
+    id: usize,
+    counters: Arc<Counters>,
+    key: Template,
+    per_minute: Option<u64>,
+    quota: Option<(u64, Period)>,
+    estimate_prompt: bool,
+    default_completion: u64,
+    remaining_header: Option<HeaderName>,
+    remaining_quota_header: Option<HeaderName>,
+    consumed_header: Option<HeaderName>,
+    on_failure: OnStoreFailure,
+}
+
+fn header(name: &Option<String>) -> Result<Option<HeaderName>, String> {
+    name.as_deref().map(|n| HeaderName::try_from(n).map_err(|_| format!("not a header name: {n:?}"))).transpose()
+}
+
+impl TokenLimit {
+    pub fn new(id: usize, config: &TokenLimitConfig, counters: Arc<Counters>) -> Result<Self, String> {
+        if config.estimate_prompt_tokens {
+            TokenEstimator::global().warm_up();
+        }
+        let period = |p: QuotaPeriod| match p {
+            QuotaPeriod::Hourly => Period::Hourly,
+            QuotaPeriod::Daily => Period::Daily,
+            QuotaPeriod::Weekly => Period::Weekly,
+            QuotaPeriod::Monthly => Period::Monthly,
+            QuotaPeriod::Yearly => Period::Yearly,
+        };
+        Ok(Self {
+            id,
+            counters,
+            key: Template::parse(&config.counter_key)?,
+            per_minute: config.tokens_per_minute,
+            quota: config.token_quota.zip(config.token_quota_period.map(period)),
+            estimate_prompt: config.estimate_prompt_tokens,
+            default_completion: config.default_completion_tokens,
+            remaining_header: header(&config.remaining_tokens_header)?,
+            remaining_quota_header: header(&config.remaining_quota_tokens_header)?,
+            consumed_header: header(&config.tokens_consumed_header)?,
+            on_failure: config.on_store_failure,
+        })
+    }
+
+    /// Tokens to reserve: the prompt's estimate and the completion the request may produce.
+    fn cost(&self, ctx: &RequestContext) -> u64 {
+        let estimator = TokenEstimator::global();
+        let model = ctx.model();
+        let cost = match ctx.payload() {
+            Some(Payload::Chat(chat)) => {
+                let prompt = if self.estimate_prompt { estimator.chat_prompt_tokens(model, &chat.body) } else { 0 };
+                prompt + chat.max_tokens.unwrap_or(self.default_completion)
+            }
+            Some(Payload::Embeddings(embeddings)) if self.estimate_prompt => {
+                estimator.embedding_input_tokens(model, &embeddings.body)
+            }
+            _ => 0,
+        };
+        // A reservation of nothing would let a caller already at the limit through.
+        cost.max(1)
+    }
+
+    fn limits(&self, key: &str) -> Vec<Limit> {
+        let mut limits = Vec::with_capacity(2);
+        if let Some(max) = self.per_minute {
+            limits.push(Limit {
+                key: format!("aigw:{{{key}}}:tokens:minute"),
+                window: Window::Sliding { secs: 60 },
+                max,
+            });
+        }
+        if let Some((max, period)) = self.quota {
+            let name = format!("{period:?}").to_ascii_lowercase();
+            limits.push(Limit { key: format!("aigw:{{{key}}}:tokens:{name}"), window: Window::Fixed(period), max });
+        }
+        limits
+    }
+}
+
+#[async_trait]
+impl Policy for TokenLimit {
+    async fn inbound(&self, ctx: &mut RequestContext) -> Result<Flow, GatewayError> {
+        let cost = self.cost(ctx);
+        let limits = self.limits(&self.key.render(ctx));
+        let (admission, source) = self
+            .counters
+            .reserve(&limits, cost, self.on_failure)
+            .await
+            .map_err(|_| GatewayError::LimitStoreUnavailable)?;
+        let is_minute = |i: usize| self.per_minute.is_some() && i == 0;
+        match admission {
+            Admission::Granted { ticket, remaining } => {
+                ctx.reservations.push(Reservation { policy: self.id, ticket, source, remaining });
+                Ok(Flow::Continue)
+            }
+            Admission::Refused { limit, retry_after_secs } if is_minute(limit) => {
+                Err(GatewayError::TokenLimitExceeded { retry_after_secs })
+            }
+            Admission::Refused { retry_after_secs, .. } => Err(GatewayError::TokenQuotaExceeded { retry_after_secs }),
+            Admission::TooLarge { limit } => {
+                Err(GatewayError::TokensOverLimit { needed: cost, max: limits[limit].max })
+            }
+        }
+    }
+
+    fn response_headers(&self, ctx: &RequestContext, headers: &mut HeaderMap) {
+        let Some(reservation) = ctx.reservation(self.id) else { return };
+        // With a JSON answer the real usage is known already; a stream's is known only at its end.
+        let used = ctx.usage.map(|u| u.total_tokens);
+        let left = |remaining: u64| match used {
+            Some(used) => (remaining + reservation.ticket.reserved).saturating_sub(used),
+            None => remaining,
+        };
+        let mut remaining = reservation.remaining.iter().copied();
+        let minute = self.per_minute.and_then(|_| remaining.next());
+        let quota = self.quota.and_then(|_| remaining.next());
+        let values = [
+            (&self.remaining_header, minute.map(left)),
+            (&self.remaining_quota_header, quota.map(left)),
+            (&self.consumed_header, used),
+        ];
+        for (name, value) in values {
+            if let (Some(name), Some(value)) = (name, value) {
+                headers.insert(name.clone(), HeaderValue::from(value));
+            }
+        }
+    }
+
+    fn has_completion(&self) -> bool {
+        true
+    }
+
+    async fn completed(&self, ctx: &RequestContext) {
+        let Some(reservation) = ctx.reservation(self.id) else { return };
+        let succeeded = (200..300).contains(&ctx.outcome.status);
+        let actual = ctx.usage.filter(|_| succeeded).map_or(0, |u| u.total_tokens);
+        self.counters.adjust(&reservation.ticket, actual, reservation.source).await;
+    }
+}
