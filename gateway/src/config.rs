@@ -382,9 +382,8 @@ impl Config {
         if let Some(redis) = &self.redis {
             match (&redis.url, &redis.url_env) {
                 (Some(url), None) => {
-                    redis::Client::open(url.as_str()).map_err(|e| {
-                        ConfigError::at("redis.url", format!("not a Redis URL: {:?}", e.kind()))
-                    })?;
+                    redis::Client::open(url.as_str())
+                        .map_err(|e| ConfigError::at("redis.url", format!("not a Redis URL: {:?}", e.kind())))?;
                 }
                 (None, Some(var)) => require_env(env, var, "redis.url-env")?,
                 _ => return Err(ConfigError::at("redis.url", "set exactly one of url and url-env")),

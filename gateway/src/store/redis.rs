@@ -39,8 +39,7 @@ impl RedisStore {
         cooldown: Duration,
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<Self, String> {
-        let client =
-            redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {:?}", e.kind()))?;
+        let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {:?}", e.kind()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
