@@ -188,13 +188,17 @@ def parse_aigw_addr(line: str) -> str | None:
     return m.group(1) if m else None
 
 
-def start_gateway(bin_dir: Path, workdir: Path, sim_addr: str, key: str) -> tuple[Server, str]:
-    config = workdir / "aigw-bench.toml"
-    config.write_text(CONFIG_TEMPLATE.format(sim_addr=sim_addr))
+def start_gateway(bin_dir: Path, workdir: Path, sim_addr: str, key: str, *, name: str = "aigw",
+                  config_text: str | None = None, env_extra: dict[str, str] | None = None) -> tuple[Server, str]:
+    """Starts aigw with CONFIG_TEMPLATE (or `config_text`, already formatted); `key` goes to
+    AIGW_BENCH_KEY, `env_extra` to further variables (other subscriptions' keys)."""
+    config = workdir / ("aigw-bench.toml" if name == "aigw" else f"{name}.toml")
+    config.write_text(config_text if config_text is not None else CONFIG_TEMPLATE.format(sim_addr=sim_addr))
     env = dict(os.environ)
     env["AIGW_BENCH_KEY"] = key
+    env.update(env_extra or {})
     gw = Server(
-        "aigw",
+        name,
         [str(bin_dir / "aigw"), "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
         workdir,
         env=env,
@@ -227,7 +231,8 @@ def smoke_request(base: str, key: str | None) -> None:
 
 
 def run_k6(k6: str, workdir: Path, target: str, key: str | None, mode: str, duration_s: float,
-           vus: int | None = None, rate: int | None = None) -> dict:
+           vus: int | None = None, rate: int | None = None, script: Path = K6_SCRIPT,
+           extra_env: dict[str, str] | None = None) -> dict:
     summary_path = workdir / "k6-summary.json"
     summary_path.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -245,7 +250,8 @@ def run_k6(k6: str, workdir: Path, target: str, key: str | None, mode: str, dura
         env["VUS"] = str(vus)
     if rate is not None:
         env["RATE"] = str(rate)
-    argv = [k6, "run", "--quiet", "--no-color", str(K6_SCRIPT)]
+    env.update(extra_env or {})
+    argv = [k6, "run", "--quiet", "--no-color", str(script)]
     try:
         proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=duration_s + 60)
