@@ -209,6 +209,11 @@ impl IntoResponse for GatewayError {
         if let Some(secs) = self.retry_after_secs() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if matches!(self, Self::BodyTooLarge { .. }) {
+            // The unread body makes the connection unusable; saying so stops a client from sending
+            // its next request down a connection that is about to close.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

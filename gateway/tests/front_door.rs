@@ -222,7 +222,9 @@ async fn bad_input_is_a_clear_4xx_never_a_5xx() {
     assert_eq!(openai_error(embeddings, 400).await["error"]["param"], "input");
 
     let too_big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(70_000));
-    let error = openai_error(post(too_big).await.expect("send"), 413).await;
+    let too_big = post(too_big).await.expect("send");
+    assert_eq!(too_big.headers()["connection"], "close", "the client must not reuse this connection");
+    let error = openai_error(too_big, 413).await;
     assert!(error["error"]["message"].as_str().expect("message").contains("65536"));
 
     let no_version = http
