@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// One JSON line per request on stdout.
     pub request_log: bool,
+    /// Load balancers and proxies (addresses or CIDR blocks) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +80,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 30,
             request_log: true,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -351,6 +354,10 @@ impl Config {
     fn validate(&self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::at("server.max-body-bytes", "must be greater than 0"));
+        }
+        for (i, block) in self.server.trusted_proxies.iter().enumerate() {
+            crate::client_ip::Cidr::parse(block)
+                .map_err(|e| ConfigError::at(format!("server.trusted-proxies[{i}]"), e))?;
         }
         for (id, backend) in &self.backends {
             let at = |field: &str| format!("backends.{id}.{field}");

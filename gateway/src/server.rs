@@ -33,6 +33,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::access_log::RequestLog;
 use crate::backend::Backend;
+use crate::client_ip::{Cidr, TrustedProxies};
 use crate::config::{ApiKind, Config, ConfigError, EnvLookup};
 use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
@@ -48,6 +49,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     log: RequestLog,
     counters: Arc<Counters>,
+    proxies: Arc<TrustedProxies>,
 }
 
 /// The counter store, chosen once: Redis when configured (shared by every instance), else memory.
@@ -124,7 +126,9 @@ impl Gateway {
             let pipeline = Pipeline::build(id, api, &deps).map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
             apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
         }
-        Ok(Self { config, backends, apis, shared, log, counters })
+        let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
+        let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
+        Ok(Self { config, backends, apis, shared, log, counters, proxies })
     }
 
     pub fn router(&self, instance: &str) -> Router {
@@ -167,10 +171,12 @@ impl Gateway {
     fn endpoint(&self, pipeline: &Arc<Pipeline>, operation: Operation, family: Family, prefix: &str) -> MethodRouter {
         let pipeline = pipeline.clone();
         let tasks = self.shared.tasks.clone();
+        let proxies = self.proxies.clone();
         let prefix_len = prefix.len();
         let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, params: RawPathParams, request: Request| {
             let pipeline = pipeline.clone();
             let tasks = tasks.clone();
+            let proxies = proxies.clone();
             async move {
                 let (parts, body) = request.into_parts();
                 let route = match family {
@@ -189,7 +195,7 @@ impl Gateway {
                 let ctx = RequestContext {
                     request_id,
                     started: Instant::now(),
-                    client_ip: peer.ip(),
+                    client_ip: proxies.client_ip(peer.ip(), &parts.headers),
                     api: pipeline.api.clone(),
                     operation,
                     request: InboundRequest {

@@ -108,3 +108,51 @@ path = "/metered"
 backend = "openai"
 inbound = [{ policy = "token-limit", tokens-per-minute = 100000, remaining-tokens-header = "x-remaining-tokens", tokens-consumed-header = "x-tokens-consumed" }]
 "#;
+
+/// Behind a trusted load balancer `{client.ip}` is the caller's address from `X-Forwarded-For`;
+/// from anyone else the header is ignored, so a caller cannot choose its own counter.
+#[tokio::test]
+async fn client_ip_counters_see_through_trusted_proxies_only() {
+    let sim = Sim::start(&[]).await;
+    let extra = format!(
+        r#"
+[backends.mcp]
+url = "{url}"
+kind = "openai"
+
+[apis.mcp]
+kind = "http"
+path = "/mcp"
+backend = "mcp"
+subscription-required = false
+inbound = [{{ policy = "rate-limit-by-key", counter-key = "{{client.ip}}", calls = 1, renewal-period = 60 }}]
+"#,
+        url = sim.url
+    );
+    let env = [("SIM_BACKEND_KEY", BACKEND_KEY), ("OTHER_KEY", OTHER_KEY)];
+    let trusting = config(&sim, &extra)
+        .replace("shutdown-grace-secs = 10", "shutdown-grace-secs = 10\ntrusted-proxies = [\"127.0.0.1/32\"]");
+    let behind_proxy = Gateway::start(&trusting, &env).await;
+    let exposed = Gateway::start(&config(&sim, &extra), &env).await;
+    let http = client();
+    let call = |gw: &Gateway, forwarded: &'static str| {
+        http.get(format!("{}/mcp/v1/models", gw.url)).header("x-forwarded-for", forwarded).send()
+    };
+
+    let first = call(&behind_proxy, "203.0.113.1").await.expect("send");
+    assert_eq!(first.status(), 200);
+    let id = first.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(behind_proxy.proc.request_log(&id).await["client_ip"], "203.0.113.1");
+    assert_eq!(call(&behind_proxy, "203.0.113.1").await.expect("send").status(), 429, "same caller, same counter");
+    assert_eq!(
+        call(&behind_proxy, "203.0.113.2").await.expect("send").status(),
+        200,
+        "another caller, its own counter"
+    );
+    // A caller prepending an address of its choice does not get a fresh counter.
+    assert_eq!(call(&behind_proxy, "198.51.100.9, 203.0.113.2").await.expect("send").status(), 429);
+
+    // Without trusted proxies the header means nothing: every caller here is 127.0.0.1.
+    assert_eq!(call(&exposed, "203.0.113.1").await.expect("send").status(), 200);
+    assert_eq!(call(&exposed, "203.0.113.2").await.expect("send").status(), 429);
+}
