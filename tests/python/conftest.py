@@ -229,6 +229,15 @@ backend = "sim"
 outbound = [
   {{ policy = "set-header", name = "x-aigw-subscription", value = "{{subscription.id}}" }},
 ]
+
+# A small token limit, for the SDK's view of a 429 (team B's subscription may call every API).
+[apis.limited]
+kind = "openai"
+path = "/limited"
+backend = "sim"
+inbound = [
+  {{ policy = "token-limit", tokens-per-minute = 150, default-completion-tokens = 30, remaining-tokens-header = "x-ratelimit-remaining-tokens" }},
+]
 """
 
 

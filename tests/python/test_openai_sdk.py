@@ -17,7 +17,7 @@ import pytest
 from openai import AzureOpenAI, OpenAI
 
 import rawhttp
-from conftest import sha8
+from conftest import HASHED_KEY, sha8
 
 CHAT_MODEL = "gpt-4o-mini"
 EMBEDDING_MODEL = "text-embedding-3-small"
@@ -497,3 +497,23 @@ def test_health_and_ready(gateway):
     ready = rawhttp.request("GET", gateway.url + "/ready")
     assert ready.status == 200
     assert ready.json()["status"] == "ready"
+
+
+def test_token_limit_429_reads_as_the_sdks_rate_limit_error(gateway):
+    """Over a token limit the SDK raises RateLimitError, with Retry-After and API Management's message."""
+    client = OpenAI(base_url=gateway.url + "/limited/v1", api_key=HASHED_KEY, max_retries=0, timeout=30)
+    remaining = []
+    with pytest.raises(openai.RateLimitError) as info:
+        for _ in range(20):
+            raw = client.chat.completions.with_raw_response.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": unique_prompt("spend tokens")}]
+            )
+            remaining.append(int(raw.headers["x-ratelimit-remaining-tokens"]))
+            raw.parse()
+    assert remaining and remaining == sorted(remaining, reverse=True), remaining
+    error = info.value
+    assert error.status_code == 429
+    retry_after = int(error.response.headers["retry-after"])
+    assert 1 <= retry_after <= 61
+    assert error.body["code"] == "token_limit_exceeded"
+    assert error.response.json()["message"] == f"Token limit is exceeded. Try again in {retry_after} seconds."
