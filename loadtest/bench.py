@@ -395,6 +395,40 @@ def parse_rates(text: str) -> list[int]:
     return rates
 
 
+class Progress:
+    """Numbered progress lines, `[3/8] message`, one per step of a run."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.step = steps, 0
+
+    def __call__(self, msg: str) -> None:
+        self.step += 1
+        print(f"[{self.step}/{self.steps}] {msg}", flush=True)
+
+
+def run_guarded(body, servers: list, workdir: Path, keep_logs: bool) -> int:
+    """Runs a benchmark's body: a BenchError or Ctrl-C becomes an exit code, and whatever happens every
+    started server is stopped and the work directory removed (kept with --keep-logs)."""
+    try:
+        return body()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        for s in reversed(servers):
+            try:
+                s.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"warning: could not stop {s.name}: {e}", file=sys.stderr)
+        if keep_logs:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", default="target/release", help="where aigw and llm-sim are (default: target/release)")
@@ -430,14 +464,9 @@ def main() -> int:
     key = "bench-" + secrets.token_hex(16)
     servers: list[Server] = []
     steps = 2 * (2 + len(args.rate))
-    step = 0
+    progress = Progress(steps)
 
-    def progress(msg: str) -> None:
-        nonlocal step
-        step += 1
-        print(f"[{step}/{steps}] {msg}", flush=True)
-
-    try:
+    def body() -> int:
         sim, sim_addr = start_sim(bin_dir, workdir)
         servers.append(sim)
         gw, gw_addr = start_gateway(bin_dir, workdir, sim_addr, key)
@@ -505,22 +534,8 @@ def main() -> int:
             print(f"error: requests failed in: {', '.join(failed)}", file=sys.stderr)
             return 1
         return 0
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        for s in reversed(servers):
-            try:
-                s.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"warning: could not stop {s.name}: {e}", file=sys.stderr)
-        if args.keep_logs:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+    return run_guarded(body, servers, workdir, args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402  (the shared helpers of the pass-through benchmark)
+    Progress,
     CONFIG_TEMPLATE,
     ROOT,
     BenchError,
@@ -54,6 +55,7 @@ from bench import (  # noqa: E402  (the shared helpers of the pass-through bench
     gw_log_stats,
     measured_run,
     parse_rates,
+    run_guarded,
     run_k6,
     smoke_request,
     start_gateway,
@@ -307,7 +309,7 @@ def render(results: dict) -> str:
         f"(÷ {p2['duration_s'] / 60:.3f} min); a run shorter than 60 s lies in one window, so compare "
         f"the admitted total with the bound."
     )
-    lines.append(f"- expected Redis round trips: 2 per 200 (reserve + reconcile), 1 per 429 (reserve only)")
+    lines.append("- expected Redis round trips: 2 per 200 (reserve + reconcile), 1 per 429 (reserve only)")
     lines.append(
         f"- peak RSS (VmHWM): aigw-plain {fmt((results['rss_kib'].get('aigw-plain') or 0) / 1024, 1)} MiB, "
         f"aigw-limit {fmt((results['rss_kib'].get('aigw-limit') or 0) / 1024, 1)} MiB, "
@@ -363,14 +365,9 @@ def main() -> int:
     key, limited_key = "bench-" + secrets.token_hex(16), "limited-" + secrets.token_hex(16)
     servers: list[Server] = []
     steps = 2 + 2 * len(args.rate) + 1
-    step = 0
+    progress = Progress(steps)
 
-    def progress(msg: str) -> None:
-        nonlocal step
-        step += 1
-        print(f"[{step}/{steps}] {msg}", flush=True)
-
-    try:
+    def body() -> int:
         redis, redis_port = start_redis(workdir)
         servers.append(redis)
         sim, sim_addr = start_sim(bin_dir, workdir)
@@ -506,22 +503,8 @@ def main() -> int:
             print("error: " + "; ".join(fatal), file=sys.stderr)
             return 1
         return 0
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        for s in reversed(servers):
-            try:
-                s.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"warning: could not stop {s.name}: {e}", file=sys.stderr)
-        if args.keep_logs:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+    return run_guarded(body, servers, workdir, args.keep_logs)
 
 
 if __name__ == "__main__":
