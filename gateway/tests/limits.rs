@@ -156,6 +156,23 @@ async fn drive(
     tallies
 }
 
+/// Three gateways on one config, driven together by 24 clients for `secs`; prints what they admitted.
+async fn drive_fleet(label: &str, toml: &str, secs: u64) -> ([Gateway; 3], Vec<Tally>, Tally) {
+    let fleet = [Gateway::start(toml, &[]).await, Gateway::start(toml, &[]).await, Gateway::start(toml, &[]).await];
+    let urls: Vec<String> = fleet.iter().map(|gw| gw.url.clone()).collect();
+    let tallies = drive(&urls, "/v1/chat/completions", 24, Instant::now() + Duration::from_secs(secs), None).await;
+    let sum = total(&tallies);
+    eprintln!(
+        "{label}: admitted {} tokens (limit {LIMIT}, ratio {:.2}) in {} 200s, {} 429s; per gateway {:?}",
+        sum.admitted,
+        sum.admitted as f64 / LIMIT as f64,
+        sum.ok,
+        sum.limited,
+        tallies.iter().map(|t| (t.ok, t.limited, t.admitted)).collect::<Vec<_>>(),
+    );
+    (fleet, tallies, sum)
+}
+
 fn total(tallies: &[Tally]) -> Tally {
     let mut sum = Tally::default();
     for tally in tallies {
@@ -187,22 +204,10 @@ async fn fleet_of_three_shares_one_limit_through_redis() {
     // A generous timeout: 24 clients in a tight loop saturate two cores, and a 50 ms Redis call
     // that times out is decided on local counters (fail-open), which is not what is tested here.
     let toml = fleet_config(&sim, Some((redis.url().as_str(), 1000)));
-    let fleet = [Gateway::start(&toml, &[]).await, Gateway::start(&toml, &[]).await, Gateway::start(&toml, &[]).await];
-    let urls: Vec<String> = fleet.iter().map(|gw| gw.url.clone()).collect();
-
-    let tallies = drive(&urls, "/v1/chat/completions", 24, Instant::now() + Duration::from_secs(8), None).await;
-    let sum = total(&tallies);
+    let (fleet, _, sum) = drive_fleet("redis fleet", &toml, 8).await;
     // The sim counts the prompt as the gateway's estimate does (tiktoken), so the largest prompt
     // it reported plus max_tokens bounds one reservation.
     let one_reservation = sum.max_prompt_tokens + MAX_TOKENS;
-    eprintln!(
-        "redis fleet: admitted {} tokens (limit {LIMIT}, ratio {:.2}) in {} 200s, {} 429s; per gateway {:?}; one reservation <= {one_reservation}",
-        sum.admitted,
-        sum.admitted as f64 / LIMIT as f64,
-        sum.ok,
-        sum.limited,
-        tallies.iter().map(|t| (t.ok, t.limited, t.admitted)).collect::<Vec<_>>(),
-    );
     assert!(sum.other.is_empty(), "only 200s and 429s expected: {:?}", sum.other);
     assert!(sum.ok > 0, "some requests were admitted");
     assert!(sum.limited > 0, "the shared limit refused some requests");
@@ -235,20 +240,8 @@ async fn fleet_of_three_shares_one_limit_through_redis() {
 async fn fleet_of_three_with_memory_stores_admits_more() {
     let sim = Sim::start(&[]).await;
     let toml = fleet_config(&sim, None);
-    let fleet = [Gateway::start(&toml, &[]).await, Gateway::start(&toml, &[]).await, Gateway::start(&toml, &[]).await];
-    let urls: Vec<String> = fleet.iter().map(|gw| gw.url.clone()).collect();
-
-    let tallies = drive(&urls, "/v1/chat/completions", 24, Instant::now() + Duration::from_secs(5), None).await;
-    let sum = total(&tallies);
+    let (fleet, tallies, sum) = drive_fleet("memory fleet", &toml, 5).await;
     let one_reservation = sum.max_prompt_tokens + MAX_TOKENS;
-    eprintln!(
-        "memory fleet: admitted {} tokens (limit {LIMIT}, ratio {:.2}) in {} 200s, {} 429s; per gateway {:?}",
-        sum.admitted,
-        sum.admitted as f64 / LIMIT as f64,
-        sum.ok,
-        sum.limited,
-        tallies.iter().map(|t| (t.ok, t.limited, t.admitted)).collect::<Vec<_>>(),
-    );
     assert!(sum.other.is_empty(), "only 200s and 429s expected: {:?}", sum.other);
     for (i, (tally, gw)) in tallies.iter().zip(&fleet).enumerate() {
         assert!(tally.limited > 0, "gateway {i} enforced its own limit: {tally:?}");
