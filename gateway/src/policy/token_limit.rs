@@ -93,8 +93,8 @@ impl TokenLimit {
             });
         }
         if let Some((max, period)) = self.quota {
-            let name = format!("{period:?}").to_ascii_lowercase();
-            limits.push(Limit { key: format!("aigw:{{{key}}}:tokens:{name}"), window: Window::Fixed(period), max });
+            let key = format!("aigw:{{{key}}}:tokens:{}", period.name());
+            limits.push(Limit { key, window: Window::Fixed(period), max });
         }
         limits
     }

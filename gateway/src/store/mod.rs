@@ -68,6 +68,21 @@ pub enum Period {
     Yearly,
 }
 
+impl Period {
+    /// The calendar period's name as the Lua script and counter keys spell it; N-second periods
+    /// are named by their length.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Seconds(n) => n.to_string().into(),
+            Self::Hourly => "hourly".into(),
+            Self::Daily => "daily".into(),
+            Self::Weekly => "weekly".into(),
+            Self::Monthly => "monthly".into(),
+            Self::Yearly => "yearly".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     /// Any span of this many seconds holds at most the limit.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Admission, Clock, CounterStore, Limit, Period, StoreError, Ticket, Window};
+use super::{Admission, Clock, CounterStore, Limit, StoreError, Ticket, Window};
 
 const FAILURES_TO_OPEN: u32 = 3;
 
@@ -88,17 +88,7 @@ impl RedisStore {
 fn window_args(window: Window) -> (&'static str, String) {
     match window {
         Window::Sliding { secs } => ("s", secs.to_string()),
-        Window::Fixed(period) => (
-            "p",
-            match period {
-                Period::Seconds(n) => n.to_string(),
-                Period::Hourly => "hourly".into(),
-                Period::Daily => "daily".into(),
-                Period::Weekly => "weekly".into(),
-                Period::Monthly => "monthly".into(),
-                Period::Yearly => "yearly".into(),
-            },
-        ),
+        Window::Fixed(period) => ("p", period.name().into_owned()),
     }
 }
 
