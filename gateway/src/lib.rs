@@ -7,6 +7,7 @@ pub mod backend;
 pub mod client_ip;
 pub mod config;
 pub mod context;
+pub mod embed;
 pub mod error;
 pub mod openai;
 pub mod policy;
