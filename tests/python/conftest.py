@@ -235,6 +235,19 @@ outbound = [
   {{ policy = "set-header", name = "x-aigw-subscription", value = "{{subscription.id}}" }},
 ]
 
+# The semantic cache (local all-MiniLM-L6-v2, entries per subscription, in memory), for the SDK's
+# view of hits: JSON as stored, streams replayed.
+[apis.cached]
+kind = "openai"
+path = "/cached"
+backend = "sim"
+inbound = [
+  {{ policy = "semantic-cache-lookup", ignore-system-messages = true }},
+]
+outbound = [
+  {{ policy = "semantic-cache-store", duration = 600 }},
+]
+
 # A small token limit, for the SDK's view of a 429 (team B's subscription may call every API).
 [apis.limited]
 kind = "openai"
