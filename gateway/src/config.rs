@@ -329,6 +329,14 @@ pub struct SemanticCacheLookupConfig {
     pub bypass_tool_results: bool,
     #[serde(default)]
     pub embeddings: EmbeddingsConfig,
+    /// Bounds embedding the prompt; slower counts as a failed lookup and the request goes on to
+    /// the backend (an embeddings backend's own timeout is meant for long calls).
+    #[serde(default = "default_embedding_timeout_ms")]
+    pub embeddings_timeout_ms: u64,
+}
+
+fn default_embedding_timeout_ms() -> u64 {
+    2_000
 }
 
 fn default_similarity_threshold() -> f32 {
@@ -637,6 +645,9 @@ impl Config {
         }
         for (i, template) in p.vary_by.iter().enumerate() {
             validate_template(template, at(&format!("vary-by[{i}]")))?;
+        }
+        if p.embeddings_timeout_ms == 0 {
+            return Err(ConfigError::at(at("embeddings-timeout-ms"), "must be greater than 0"));
         }
         if p.max_message_count == Some(0) {
             return Err(ConfigError::at(at("max-message-count"), "must be greater than 0"));

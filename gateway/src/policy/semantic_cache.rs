@@ -72,6 +72,7 @@ pub struct SemanticCacheLookup {
     max_message_count: Option<usize>,
     bypass_tool_results: bool,
     embedder: Arc<dyn Embedder>,
+    embeddings_timeout: Duration,
     store: Arc<dyn CacheStore>,
     warnings: Throttle,
 }
@@ -95,6 +96,7 @@ impl SemanticCacheLookup {
             max_message_count: config.max_message_count,
             bypass_tool_results: config.bypass_tool_results,
             embedder,
+            embeddings_timeout: Duration::from_millis(config.embeddings_timeout_ms),
             store,
             warnings: Throttle::default(),
         })
@@ -236,9 +238,16 @@ impl Policy for SemanticCacheLookup {
                 return Ok(Flow::Continue);
             }
         };
-        let vector = match self.embedder.embed(&key.prompt).await {
-            Ok(vector) => vector,
-            Err(error) => {
+        let embedded = tokio::time::timeout(self.embeddings_timeout, self.embedder.embed(&key.prompt)).await;
+        let vector = match embedded {
+            Ok(Ok(vector)) => vector,
+            Ok(Err(error)) => {
+                self.warn("embedding the prompt", &error);
+                ctx.cache = Some(CacheState::new(CacheStatus::Error).because("embeddings source failed"));
+                return Ok(Flow::Continue);
+            }
+            Err(_) => {
+                let error = format!("no embedding within {} ms", self.embeddings_timeout.as_millis());
                 self.warn("embedding the prompt", &error);
                 ctx.cache = Some(CacheState::new(CacheStatus::Error).because("embeddings source failed"));
                 return Ok(Flow::Continue);
