@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::EmbeddingsConfig;
-use crate::embed::{BackendEmbedder, Embedder, LocalEmbedder, LocalModel};
+use crate::embed::{BackendEmbedder, Embedder, LocalEmbedder, LocalModel, Memoized};
+
+/// Prompts whose embeddings each source remembers (384 floats each: about 1.6 KiB apiece).
+const REMEMBERED_EMBEDDINGS: usize = 4_096;
 use store::CacheStore;
 
 /// What the cache policies are built with: the one store of the process (chosen at start-up,
@@ -37,19 +40,21 @@ impl CacheDeps {
     }
 }
 
-/// Builds an embeddings source from config (also used by `aigw cache-eval`).
+/// Builds an embeddings source from config (also used by `aigw cache-eval`); repeated prompts
+/// are not embedded twice.
 pub fn embedder(
     config: &EmbeddingsConfig,
     backends: &BTreeMap<String, Arc<Backend>>,
 ) -> Result<Arc<dyn Embedder>, String> {
-    match config {
+    let source: Arc<dyn Embedder> = match config {
         EmbeddingsConfig::Local { model_path } => {
             let model = LocalModel::shared(model_path.as_deref()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(LocalEmbedder::new(model)))
+            Arc::new(LocalEmbedder::new(model))
         }
         EmbeddingsConfig::Backend { backend_id, model } => {
             let backend = backends.get(backend_id).ok_or_else(|| format!("unknown backend {backend_id:?}"))?;
-            Ok(Arc::new(BackendEmbedder::new(backend.clone(), model.clone())))
+            Arc::new(BackendEmbedder::new(backend.clone(), model.clone()))
         }
-    }
+    };
+    Ok(Arc::new(Memoized::new(source, REMEMBERED_EMBEDDINGS)))
 }

@@ -3,12 +3,14 @@
 
 mod backend;
 mod local;
+mod memo;
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub use backend::BackendEmbedder;
 pub use local::{LocalEmbedder, LocalModel, MODEL_DIR_ENV};
+pub use memo::Memoized;
 
 #[async_trait::async_trait]
 pub trait Embedder: Send + Sync {
