@@ -4,9 +4,11 @@
 
 pub mod access_log;
 pub mod backend;
+pub mod cache;
 pub mod client_ip;
 pub mod config;
 pub mod context;
+pub mod embed;
 pub mod error;
 pub mod openai;
 pub mod policy;

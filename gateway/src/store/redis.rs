@@ -5,20 +5,35 @@
 //! never as GET-then-SET from several instances. Scripts use the server's clock, so instances
 //! with skewed clocks still agree on windows. Plain Redis 7 is enough; keys expire on their own.
 //!
-//! Redis trouble must not hold requests up: every call is bounded by a short timeout, and after
-//! [`FAILURES_TO_OPEN`] failures in a row a breaker stops calling Redis for a cool-down, then lets
-//! one request through to probe it. When the probe succeeds Redis is used again: no restart.
+//! Redis trouble must not hold requests up: every call goes through a [`Breaker`] (a short
+//! timeout per call, a cool-down after repeated failures, then one probe).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::breaker::Breaker;
 use super::{Admission, Clock, CounterStore, Limit, StoreError, Ticket, Window};
 
-const FAILURES_TO_OPEN: u32 = 3;
+/// The client for `url` and a connection to it that connects on first use, so the gateway starts
+/// while Redis is down; every call is bounded by `timeout`, and reconnects back off up to `cooldown`.
+pub fn lazy_connection(
+    url: &str,
+    timeout: Duration,
+    cooldown: Duration,
+) -> Result<(redis::Client, ConnectionManager), String> {
+    let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {:?}", e.kind()))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(cooldown);
+    let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        .map_err(|e| format!("cannot set up the Redis connection: {:?}", e.kind()))?;
+    Ok((client, connection))
+}
 
 pub struct RedisStore {
     connection: ConnectionManager,
@@ -39,21 +54,20 @@ impl RedisStore {
         cooldown: Duration,
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {:?}", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(cooldown);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("cannot set up the Redis connection: {:?}", e.kind()))?;
+        let (_, connection) = lazy_connection(url, timeout, cooldown)?;
         Ok(Self {
             connection,
             reserve: redis::Script::new(include_str!("redis/reserve.lua")),
             adjust: redis::Script::new(include_str!("redis/adjust.lua")),
             timeout,
             clock,
-            breaker: Breaker::new(cooldown),
+            breaker: Breaker::new(
+                "counter store (Redis)",
+                "fail-open limits use this instance's own counters and fail-closed limits refuse requests until it \
+                 is back",
+                "limits are shared across instances again",
+                cooldown,
+            ),
         })
     }
 
@@ -63,25 +77,11 @@ impl RedisStore {
 
     /// Runs a script through the breaker, bounded by the timeout.
     async fn call(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
-        if !self.breaker.allows() {
-            return Err(StoreError::Unavailable("breaker open".to_owned()));
-        }
         let mut connection = self.connection.clone();
-        let result = tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await;
-        match result {
-            Ok(Ok(reply)) => {
-                self.breaker.succeeded();
-                Ok(reply)
-            }
-            Ok(Err(error)) => {
-                self.breaker.failed();
-                Err(StoreError::Unavailable(format!("{:?}", error.kind())))
-            }
-            Err(_) => {
-                self.breaker.failed();
-                Err(StoreError::Unavailable(format!("no answer within {} ms", self.timeout.as_millis())))
-            }
-        }
+        self.breaker
+            .call(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection))
+            .await
+            .map_err(StoreError::Unavailable)
     }
 }
 
@@ -130,64 +130,5 @@ impl CounterStore for RedisStore {
             invocation.key(key).arg(slot);
         }
         self.call(invocation).await.map(drop)
-    }
-}
-
-/// Stops calling Redis after repeated failures; after a cool-down, one call probes it.
-struct Breaker {
-    started: Instant,
-    cooldown_ms: u64,
-    failures: AtomicU32,
-    /// 0 while closed; else when (ms since `started`) the next probe may go.
-    open_until_ms: AtomicU64,
-    probing: AtomicBool,
-}
-
-impl Breaker {
-    fn new(cooldown: Duration) -> Self {
-        Self {
-            started: Instant::now(),
-            cooldown_ms: u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX).max(1),
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn allows(&self) -> bool {
-        let until = self.open_until_ms.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        // Open: after the cool-down, exactly one caller probes.
-        self.now_ms() >= until
-            && self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
-    }
-
-    fn succeeded(&self) {
-        self.failures.store(0, Ordering::Release);
-        if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
-            self.probing.store(false, Ordering::Release);
-            tracing::info!("counter store (Redis) is reachable again; limits are shared across instances again");
-        }
-    }
-
-    fn failed(&self) {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let probe_failed = self.probing.swap(false, Ordering::AcqRel);
-        if failures >= FAILURES_TO_OPEN || probe_failed {
-            let was_closed = self.open_until_ms.swap(self.now_ms() + self.cooldown_ms, Ordering::AcqRel) == 0;
-            if was_closed {
-                tracing::warn!(
-                    cooldown_ms = self.cooldown_ms,
-                    "counter store (Redis) unavailable; fail-open limits use this instance's own counters \
-                     and fail-closed limits refuse requests until it is back"
-                );
-            }
-        }
     }
 }
