@@ -163,7 +163,8 @@ class Server:
 
 
 def start_sim(bin_dir: Path, workdir: Path) -> tuple[Server, str]:
-    sim = Server("llm-sim", [str(bin_dir / "llm-sim"), "--listen", "127.0.0.1:0"], workdir)
+    # Chat benchmarks never call /embeddings: leave the embeddings model out of llm-sim's CPU and RSS.
+    sim = Server("llm-sim", [str(bin_dir / "llm-sim"), "--listen", "127.0.0.1:0", "--embedding-model", "none"], workdir)
     line = sim.wait_for_line(lambda l: l.startswith("llm-sim listening on "), "listening")
     url = line.removeprefix("llm-sim listening on ").strip()
     addr = url.removeprefix("http://")

@@ -60,6 +60,8 @@ struct Record {
     error: Option<&'static str>,
     client_disconnected: bool,
     stream_incomplete: bool,
+    cache: Option<(&'static str, Option<&'static str>, Option<f32>)>,
+    saved_tokens: Option<u64>,
 }
 
 impl RequestLog {
@@ -104,6 +106,8 @@ impl RequestLog {
             error: ctx.outcome.error.as_ref().map(|e| e.code()),
             client_disconnected: ctx.outcome.client_disconnected,
             stream_incomplete: ctx.outcome.stream_incomplete,
+            cache: ctx.cache.as_ref().map(|c| (c.status.name(), c.reason, c.score)),
+            saved_tokens: ctx.cache.as_ref().and_then(|c| c.saved).map(|u| u.total_tokens),
         };
         if let Err(TrySendError::Full(_)) = sender.try_send(Message::Record(record)) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +161,15 @@ struct Line<'a> {
     client_disconnected: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream_incomplete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_score: Option<f32>,
+    /// Backend tokens a cache hit saved (the cached answer's usage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    saved_tokens: Option<u64>,
 }
 
 fn write_records(receiver: &Receiver<Message>, dropped: &AtomicU64) {
@@ -222,5 +235,9 @@ fn line(record: &Record) -> Line<'_> {
         error: record.error,
         client_disconnected: record.client_disconnected,
         stream_incomplete: record.stream_incomplete,
+        cache: record.cache.map(|c| c.0),
+        cache_reason: record.cache.and_then(|c| c.1),
+        cache_score: record.cache.and_then(|c| c.2),
+        saved_tokens: record.saved_tokens,
     }
 }

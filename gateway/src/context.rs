@@ -97,7 +97,65 @@ pub struct RequestContext {
     pub variables: HashMap<String, String>,
     /// What limit policies reserved, to be reconciled when the exchange is complete.
     pub reservations: Vec<Reservation>,
+    /// What the semantic cache lookup decided.
+    pub cache: Option<CacheState>,
+    /// The backend's answer as a chat completion JSON (a stream's assembled from its chunks), kept
+    /// only when a policy asked for it (`Policy::wants_answer`).
+    pub answer: Option<Bytes>,
     pub outcome: Outcome,
+}
+
+/// The `x-llm-cache-status` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    /// The request skipped the cache (see the reason).
+    Bypass,
+    /// The lookup failed (embeddings source or store); the request went to the backend.
+    Error,
+}
+
+impl CacheStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CacheState {
+    pub status: CacheStatus,
+    /// The cosine similarity of the entry that served a hit.
+    pub score: Option<f32>,
+    /// Why the cache was bypassed or failed, or why a similar entry was refused.
+    pub reason: Option<&'static str>,
+    /// On a hit: the usage of the cached answer, i.e. the backend tokens the hit saved.
+    pub saved: Option<Usage>,
+    /// On a miss: where `semantic-cache-store` files the backend's answer.
+    pub pending: Option<PendingEntry>,
+}
+
+impl CacheState {
+    pub fn new(status: CacheStatus) -> Self {
+        Self { status, score: None, reason: None, saved: None, pending: None }
+    }
+
+    pub fn because(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+}
+
+#[derive(Debug)]
+pub struct PendingEntry {
+    pub partition: String,
+    pub vector: Vec<f32>,
+    pub prompt: String,
 }
 
 /// A limit policy's reservation in the counter store.

@@ -33,8 +33,9 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::access_log::RequestLog;
 use crate::backend::Backend;
+use crate::cache::{self, CacheDeps, store::CacheLimits, store::CacheStore};
 use crate::client_ip::{Cidr, TrustedProxies};
-use crate::config::{ApiKind, Config, ConfigError, EnvLookup};
+use crate::config::{ApiKind, Config, ConfigError, EnvLookup, PolicyConfig};
 use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::policy::{Pipeline, PolicyDeps};
@@ -65,6 +66,23 @@ fn counters(config: &Config, env: EnvLookup<'_>) -> Result<Counters, ConfigError
     )
     .map_err(|e| ConfigError::at("redis.url", e))?;
     Ok(Counters::shared(Arc::new(store), clock))
+}
+
+/// The semantic cache's store, chosen once and only when some API looks answers up: Redis when
+/// configured (shared by every instance), else memory.
+fn cache_store(config: &Config, env: EnvLookup<'_>) -> Result<Option<Arc<dyn CacheStore>>, ConfigError> {
+    let used =
+        config.apis.values().any(|api| api.inbound.iter().any(|p| matches!(p, PolicyConfig::SemanticCacheLookup(_))));
+    if !used {
+        return Ok(None);
+    }
+    let limits = CacheLimits { max_entries_per_partition: config.cache.max_entries_per_partition };
+    let Some(redis) = &config.redis else { return Ok(Some(cache::store::memory(limits))) };
+    let url = redis.resolved_url(env).ok_or_else(|| ConfigError::at("redis.url-env", "the variable is not set"))?;
+    let timeout = Duration::from_millis(redis.timeout_ms);
+    let store = cache::store::redis(&url, timeout, Duration::from_millis(redis.breaker_cooldown_ms), limits)
+        .map_err(|e| ConfigError::at("redis.url", e))?;
+    Ok(Some(store))
 }
 
 struct Shared {
@@ -113,10 +131,12 @@ impl Gateway {
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
         let counters = Arc::new(counters(&config, env)?);
+        let cache = CacheDeps::new(cache_store(&config, env)?, backends.clone());
         let deps = PolicyDeps {
             backends: &backends,
             subscriptions: &subscriptions,
             counters: &counters,
+            cache: &cache,
             max_body_bytes: config.server.max_body_bytes,
             log: log.clone(),
             tasks: shared.tasks.clone(),
@@ -211,6 +231,8 @@ impl Gateway {
                     usage: None,
                     variables: Default::default(),
                     reservations: Vec::new(),
+                    cache: None,
+                    answer: None,
                     outcome: Outcome::default(),
                 };
                 CompleteOnDrop::new(pipeline.run(ctx, body), tasks).await

@@ -6,6 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::cache::answer::StreamAssembler;
 use crate::openai::{Usage, usage_of_chunk};
 
 pub struct SseRelay {
@@ -14,11 +15,25 @@ pub struct SseRelay {
     strip_usage: bool,
     usage: Option<Usage>,
     saw_done: bool,
+    /// Joins the chunks into the completion they amount to, when a policy wants the answer.
+    assembler: Option<StreamAssembler>,
 }
 
 impl SseRelay {
     pub fn new(strip_usage: bool) -> Self {
-        Self { pending: BytesMut::new(), strip_usage, usage: None, saw_done: false }
+        Self { pending: BytesMut::new(), strip_usage, usage: None, saw_done: false, assembler: None }
+    }
+
+    /// Also assemble the chunks into a chat completion (see [`SseRelay::assembled`]).
+    pub fn assembling(mut self) -> Self {
+        self.assembler = Some(StreamAssembler::default());
+        self
+    }
+
+    /// The completion the stream amounted to, as JSON, if it was assembled and whole.
+    pub fn assembled(&mut self) -> Option<Bytes> {
+        let completion = self.assembler.take()?.finish()?;
+        serde_json::to_vec(&completion).ok().map(Bytes::from)
     }
 
     /// Takes the next piece of the backend's body and returns what may go to the client now.
@@ -80,7 +95,12 @@ impl SseRelay {
             let data = data.strip_prefix(b" ").unwrap_or(data);
             if data == b"[DONE]" {
                 self.saw_done = true;
-            } else if let Some(chunk) = usage_of_chunk(data) {
+                continue;
+            }
+            if let Some(assembler) = &mut self.assembler {
+                assembler.push(data);
+            }
+            if let Some(chunk) = usage_of_chunk(data) {
                 self.usage = Some(chunk.usage);
                 drop_event |= chunk.usage_only && self.strip_usage;
             }

@@ -2,7 +2,7 @@
 
 Layout (all on 127.0.0.1, ports picked by the OS):
 
-    llm-sim --api-key $SIM_BACKEND_KEY
+    llm-sim --api-key $SIM_BACKEND_KEY --embedding-model none
       ^                               ^
       | bearer auth, kind "openai"    | api-key auth, kind "azure-openai"
     gateway "openai"               gateway "azure"
@@ -185,7 +185,12 @@ def sim(tmp_path_factory, base_env) -> Sim:
     log_dir = tmp_path_factory.mktemp("llm-sim")
     process = Process(
         "llm-sim",
-        [str(_binary("llm-sim")), "--listen", "127.0.0.1:0", "--api-key", SIM_BACKEND_KEY],
+        # Hash vectors: these tests check what the SDKs and the gateway do with embeddings (sizes, base64), which
+        # must not depend on whether the real embeddings model is installed.
+        [
+            str(_binary("llm-sim")),
+            *("--listen", "127.0.0.1:0", "--api-key", SIM_BACKEND_KEY, "--embedding-model", "none"),
+        ],
         base_env,
         log_dir,
     )
@@ -228,6 +233,19 @@ kind = "openai"
 backend = "sim"
 outbound = [
   {{ policy = "set-header", name = "x-aigw-subscription", value = "{{subscription.id}}" }},
+]
+
+# The semantic cache (local all-MiniLM-L6-v2, entries per subscription, in memory), for the SDK's
+# view of hits: JSON as stored, streams replayed.
+[apis.cached]
+kind = "openai"
+path = "/cached"
+backend = "sim"
+inbound = [
+  {{ policy = "semantic-cache-lookup", ignore-system-messages = true }},
+]
+outbound = [
+  {{ policy = "semantic-cache-store", duration = 600 }},
 ]
 
 # A small token limit, for the SDK's view of a 429 (team B's subscription may call every API).

@@ -22,6 +22,7 @@
 //! and a line in [`build_policy`].
 
 pub mod call_limit;
+pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
 pub mod subscription_key;
@@ -42,6 +43,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::RequestLog;
 use crate::backend::{Backend, forwardable_response_header};
+use crate::cache::CacheDeps;
 use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
@@ -82,6 +84,12 @@ pub trait Policy: Send + Sync {
     /// the request succeeded or not: how limit policies in inbound report what is left.
     fn response_headers(&self, _ctx: &RequestContext, _headers: &mut http::HeaderMap) {}
 
+    /// Whether the pipeline should keep the backend's answer for `completed` (`ctx.answer`):
+    /// costs nothing for JSON, and assembling a stream's chunks for a stream.
+    fn wants_answer(&self, _ctx: &RequestContext) -> bool {
+        false
+    }
+
     /// Whether `completed` does work (accounting), so the pipeline runs it off the response path.
     fn has_completion(&self) -> bool {
         false
@@ -109,6 +117,7 @@ pub struct PolicyDeps<'a> {
     pub backends: &'a BTreeMap<String, Arc<Backend>>,
     pub subscriptions: &'a Arc<SubscriptionStore>,
     pub counters: &'a Arc<Counters>,
+    pub cache: &'a CacheDeps,
     pub max_body_bytes: usize,
     pub log: RequestLog,
     pub tasks: TaskTracker,
@@ -128,6 +137,13 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
         }
         PolicyConfig::QuotaByKey(c) => {
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Quota, c, deps.counters.clone())?)
+        }
+        PolicyConfig::SemanticCacheLookup(c) => {
+            let embedder = deps.cache.embedder(&c.embeddings)?;
+            Box::new(semantic_cache::SemanticCacheLookup::new(c, embedder, deps.cache.store()?)?)
+        }
+        PolicyConfig::SemanticCacheStore(c) => {
+            Box::new(semantic_cache::SemanticCacheStore::new(c, deps.cache.store()?))
         }
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
             backend: backends
@@ -286,8 +302,12 @@ impl Pipeline {
                 policy.outbound(ctx, &mut head).await?;
             }
             let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
+            let mut relay = SseRelay::new(strip_usage);
+            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
+                relay = relay.assembling();
+            }
             let (tx, rx) = mpsc::channel(32);
-            let relay = StreamRelay { upstream, relay: SseRelay::new(strip_usage), tx, backend };
+            let relay = StreamRelay { upstream, relay, tx, backend };
             let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
             return Ok((Response::from_parts(head, body), Some(relay)));
         }
@@ -295,6 +315,9 @@ impl Pipeline {
         let bytes = upstream.bytes().await.map_err(|e| backend.error(&e))?;
         if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
             ctx.usage = usage_of_response(&bytes);
+            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
+                ctx.answer = Some(bytes.clone());
+            }
         }
         for policy in &self.outbound {
             policy.outbound(ctx, &mut head).await?;
@@ -371,6 +394,7 @@ impl StreamRelay {
             }
         }
         ctx.usage = relay.usage();
+        ctx.answer = relay.assembled();
         ctx.outcome.client_disconnected = client_gone;
         ctx.outcome.stream_incomplete = !relay.saw_done();
     }
