@@ -31,9 +31,10 @@
 //   k6 run -e TARGET=http://127.0.0.1:8080,http://127.0.0.1:8081 -e API_KEY=$KEY -e RATE=20 loadtest/k6-cache.js
 //
 // Every request also records `cache_req_duration` tagged with cache_status, family, member (the
-// member's index in the pool) and, on hits, served_family / served_member (whose answer came
-// back): with `--out json=FILE` that is a per-request record (bench_cache.py reads it to list the
-// paraphrases the cache did not serve).
+// member's index in the pool), request_id (the gateway's x-request-id) and, on hits,
+// served_family / served_member (whose answer came back): with `--out json=FILE` that is a
+// per-request record (bench_cache.py reads it, with the gateways' request logs, to list the
+// paraphrases the cache did not serve and why).
 import http from 'k6/http';
 import crypto from 'k6/crypto';
 import exec from 'k6/execution';
@@ -169,6 +170,8 @@ export default function () {
   }
   const status = (res.headers['X-Llm-Cache-Status'] || '').toLowerCase();
   const tags = { cache_status: status || 'none', family: member.familyId, member: String(m) };
+  // Joins this record to the gateway's request log line (cache_reason: why a lookup missed).
+  if (res.headers['X-Request-Id']) tags.request_id = res.headers['X-Request-Id'];
   if (!counters[status]) {
     statusMissing.add(1);
     check(res, { 'x-llm-cache-status is hit, miss, bypass or error': () => false });
