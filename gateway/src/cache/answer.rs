@@ -176,8 +176,10 @@ pub fn replay_as_stream(completion: &Value, include_usage: bool) -> Bytes {
         let index = choice.get("index").cloned().unwrap_or_else(|| 0.into());
         let message = choice.get("message").cloned().unwrap_or_default();
         let role = message.get("role").cloned().unwrap_or_else(|| "assistant".into());
-        event(delta(&index, json!({"role": role, "content": ""})), None);
-        if let Some(content) = message.get("content").and_then(Value::as_str) {
+        // As OpenAI streams it: `""` opens a text answer, `null` one that only calls tools.
+        let content = message.get("content").and_then(Value::as_str);
+        event(delta(&index, json!({"role": role, "content": content.map(|_| "")})), None);
+        if let Some(content) = content {
             for piece in word_groups(content, WORDS_PER_CHUNK) {
                 event(delta(&index, json!({"content": piece})), None);
             }
