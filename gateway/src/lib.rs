@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod backend;
+pub mod cache;
 pub mod client_ip;
 pub mod config;
 pub mod context;

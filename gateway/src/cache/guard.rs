@@ -1,0 +1,1412 @@
+//! The semantic cache's verification guard: a cached answer is served only when the cached
+//! prompt asks the same thing as the new one.
+//!
+//! Cosine similarity of sentence embeddings cannot tell "enable 2FA" from "disable 2FA": the
+//! sentences share every word but one, and they score 0.9 and more. The guard compares what
+//! decides an answer, side by side: numbers, dates and versions; units; negation; opposite words
+//! (enable/disable); the direction of conversions and comparisons; programming and natural
+//! languages; code identifiers; names; and, for everything else, the words one prompt has and the
+//! other lacks. It lets through what paraphrases change: wording, word order, politeness, typos,
+//! abbreviations and synonyms.
+//!
+//! Both prompts go through the same steps: tokens (contractions expanded, phrases and
+//! abbreviations rewritten to one canonical form, number words read as numbers), a typo
+//! correction of each side's unmatched words against the other side's, then the comparisons.
+
+mod words;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::LazyLock;
+
+use crate::config::SemanticCacheLookupConfig;
+
+/// Why a cached answer must not be served for a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What differs: "number", "date", "version", "unit", "negation", "antonym", "direction",
+    /// "language", "code", "entity", "term" (one word swapped for another) or "constraint".
+    pub reason: &'static str,
+    /// Short, for logs: the query's side first, e.g. "3 vs 4".
+    pub detail: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// Why `query` must not be answered with the answer cached for `cached`, if it must not.
+pub fn verify(query: &str, cached: &str) -> Result<(), Refusal> {
+    let mut q = tokenize(query);
+    let mut c = tokenize(cached);
+    correct_typos(&mut q, &mut c);
+    let q = Prompt::new(q);
+    let c = Prompt::new(c);
+    q.compare(&c)
+}
+
+/// The whole hit decision, shared by the lookup policy and `aigw cache-eval` so both run the same rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HitRule {
+    pub threshold: f32,
+    pub verify: bool,
+}
+
+/// Why a candidate is not a hit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Miss {
+    BelowThreshold,
+    Refused(Refusal),
+}
+
+impl HitRule {
+    pub fn from_config(c: &SemanticCacheLookupConfig) -> Self {
+        Self { threshold: c.similarity_threshold, verify: c.verify_hits }
+    }
+
+    /// Whether the answer cached for `cached`, whose embedding scores `score` against the query's,
+    /// may answer `query`.
+    pub fn accepts(&self, score: f32, query: &str, cached: &str) -> Result<(), Miss> {
+        if score < self.threshold {
+            return Err(Miss::BelowThreshold);
+        }
+        if self.verify {
+            verify(query, cached).map_err(Miss::Refused)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+#[derive(Debug, Clone)]
+struct Token {
+    /// Lowercase, canonical (aliases and phrases applied).
+    text: String,
+    stem: String,
+    /// Written like a name: capitalised inside a sentence, all capitals, or mixed case (iPhone).
+    named: bool,
+    /// A code identifier: backticked, a call `f(x)`, snake_case, dotted.name or camelCase.
+    code: bool,
+    /// A clause boundary (. , ; : ! ? and the like) comes right before this token.
+    boundary: bool,
+}
+
+impl Token {
+    fn new(text: String, named: bool, code: bool, boundary: bool) -> Self {
+        let stem = stem(&text);
+        Self { text, stem, named, code, boundary }
+    }
+
+    fn set_text(&mut self, text: String) {
+        self.stem = if LEXICON.proper(&text) { text.clone() } else { stem(&text) };
+        self.text = text;
+    }
+
+    fn is_number(&self) -> bool {
+        self.text.starts_with(|c: char| c.is_ascii_digit())
+            && self.text.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
+    }
+
+    fn is_word(&self) -> bool {
+        self.text.chars().any(char::is_alphabetic)
+    }
+}
+
+/// A token as written, before normalisation.
+struct Raw {
+    text: String,
+    code: bool,
+    boundary: bool,
+    sentence_start: bool,
+}
+
+fn tokenize(text: &str) -> Vec<Token> {
+    let raws = split(text);
+    let title_case = is_title_case(&raws);
+    let mut tokens = Vec::with_capacity(raws.len());
+    let lexicon = &*LEXICON;
+    for mut raw in raws {
+        let lower = raw.text.to_lowercase();
+        raw.code &= !lexicon.names.contains(lower.as_str());
+        let named = !raw.code && is_named(&raw, title_case);
+        let mut boundary = raw.boundary;
+        for part in expand_contraction(&lower) {
+            tokens.push(Token::new(part, named, raw.code, boundary));
+            boundary = false;
+        }
+    }
+    let tokens = rewrite_phrases(tokens);
+    let tokens = apply_aliases(tokens);
+    let mut tokens = read_numbers(tokens);
+    for token in &mut tokens {
+        if lexicon.proper(&token.text) {
+            token.stem.clone_from(&token.text); // "https" is not the plural of "http"
+        }
+    }
+    tokens
+}
+
+/// Splits text into word, number and symbol tokens, keeping code-like and version-like
+/// punctuation inside a token (3.11, node.js, c++, c#, f(x), 1,000, 10:30).
+fn split(text: &str) -> Vec<Raw> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut boundary = true;
+    let mut sentence_start = true;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '`' {
+            if let Some(len) = chars[i + 1..].iter().position(|&c| c == '`') {
+                let inner: String = chars[i + 1..i + 1 + len].iter().collect();
+                let inner = inner.trim();
+                if !inner.is_empty() {
+                    out.push(Raw { text: inner.to_owned(), code: true, boundary, sentence_start: false });
+                    boundary = false;
+                    sentence_start = false;
+                }
+                i += len + 2;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        if c == 'w'
+            && chars.get(i + 1) == Some(&'/')
+            && !chars.get(i.wrapping_sub(1)).is_some_and(|c| c.is_alphanumeric())
+        {
+            // "w/o" and "w/" are how people type "without" and "with".
+            let without = chars.get(i + 2) == Some(&'o') && !chars.get(i + 3).is_some_and(|c| c.is_alphanumeric());
+            let text = if without { "without" } else { "with" };
+            out.push(Raw { text: text.to_owned(), code: false, boundary, sentence_start: false });
+            boundary = false;
+            sentence_start = false;
+            i += if without { 3 } else { 2 };
+            continue;
+        }
+        if c.is_alphanumeric() || c == '_' {
+            let (end, code) = word_end(&chars, i);
+            let text: String = chars[i..end].iter().collect();
+            out.push(Raw { text, code, boundary, sentence_start });
+            boundary = false;
+            sentence_start = false;
+            i = end;
+            continue;
+        }
+        match c {
+            '$' | '€' | '£' | '¥' | '₹' | '%' | '°' => {
+                out.push(Raw { text: c.to_string(), code: false, boundary, sentence_start: false });
+                boundary = false;
+            }
+            '.' | '!' | '?' | ':' | ';' | '\n' => {
+                boundary = true;
+                sentence_start = true;
+            }
+            ',' | '(' | ')' | '[' | ']' | '"' | '“' | '”' | '—' | '–' | '|' => boundary = true,
+            '-' if chars.get(i + 1) == Some(&'>') => {
+                out.push(Raw { text: "->".to_owned(), code: false, boundary, sentence_start: false });
+                boundary = false;
+                i += 1;
+            }
+            '→' => {
+                out.push(Raw { text: "->".to_owned(), code: false, boundary, sentence_start: false });
+                boundary = false;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Where the word starting at `start` ends, and whether it is code-like.
+fn word_end(chars: &[char], start: usize) -> (usize, bool) {
+    let alnum = |i: usize| chars.get(i).is_some_and(|c| c.is_alphanumeric() || *c == '_');
+    let digit = |i: usize| chars.get(i).is_some_and(char::is_ascii_digit);
+    let mut i = start;
+    let mut code = false;
+    loop {
+        if alnum(i) {
+            if chars[i] == '_' && i > start && alnum(i + 1) {
+                code = true;
+            }
+            i += 1;
+        } else if matches!(chars.get(i), Some('.')) && i > start && alnum(i + 1) {
+            // 3.11, node.js, os.path; a full stop is followed by a space instead
+            i += 1;
+        } else if matches!(chars.get(i), Some(','))
+            && digit(i.wrapping_sub(1))
+            && (1..=3).all(|k| digit(i + k))
+            && !digit(i + 4)
+        {
+            i += 1; // 300,000
+        } else if matches!(chars.get(i), Some(':')) && digit(i.wrapping_sub(1)) && digit(i + 1) {
+            i += 1; // 10:30, 1:1
+        } else if matches!(chars.get(i), Some('\'' | '’')) && chars.get(i + 1).is_some_and(|c| c.is_alphabetic()) {
+            i += 1; // contractions, expanded later
+        } else {
+            break;
+        }
+    }
+    let word_len = i - start;
+    if chars.get(i) == Some(&'+') && chars.get(i + 1) == Some(&'+') {
+        i += 2; // c++; in c++20 the version becomes a token of its own
+    } else if chars.get(i) == Some(&'#') && word_len == 1 {
+        i += 1; // c#, f#
+    } else if chars.get(i) == Some(&'(') {
+        // f(x), foo(), 401(k): a call without spaces inside
+        if let Some(len) = chars[i + 1..].iter().take(24).position(|&c| c == ')') {
+            let inner = &chars[i + 1..i + 1 + len];
+            if inner.iter().all(|c| c.is_alphanumeric() || matches!(c, '_' | ',' | '.' | '*' | '&')) {
+                i += len + 2;
+                code = true;
+            }
+        }
+    }
+    let text = &chars[start..i];
+    let has_letter = text.iter().any(|c| c.is_alphabetic());
+    if has_letter
+        && text.iter().filter(|&&c| c == '.').count() > 0
+        && !text.iter().all(|c| c.is_ascii_digit() || *c == '.')
+    {
+        code = true; // dotted.name; aliases (node.js) are rewritten later and lose the flag there
+    }
+    let camel = text.first().is_some_and(|c| c.is_lowercase())
+        && text.windows(2).any(|w| w[0].is_lowercase() && w[1].is_uppercase())
+        && text.iter().skip(1).any(|c| c.is_lowercase());
+    (i, code || camel)
+}
+
+/// A heading or title ("How To Reverse A List") capitalises words that are not names.
+fn is_title_case(raws: &[Raw]) -> bool {
+    let words = raws.iter().filter(|r| !r.sentence_start && !r.code && r.text.chars().count() > 3);
+    let (mut capitalised, mut total) = (0, 0);
+    for raw in words {
+        total += 1;
+        if raw.text.chars().next().is_some_and(char::is_uppercase) {
+            capitalised += 1;
+        }
+    }
+    capitalised >= 3 && capitalised * 2 >= total
+}
+
+fn is_named(raw: &Raw, title_case: bool) -> bool {
+    let letters: Vec<char> = raw.text.chars().filter(|c| c.is_alphabetic()).collect();
+    let Some(first) = letters.first() else { return false };
+    let upper = letters.iter().filter(|c| c.is_uppercase()).count();
+    let acronym = letters.len() >= 2 && upper == letters.len();
+    let mixed = letters.iter().skip(1).any(|c| c.is_uppercase()) && letters.iter().any(|c| c.is_lowercase());
+    let capitalised = first.is_uppercase() && !raw.sentence_start && !title_case && raw.text != "I";
+    acronym || mixed || capitalised
+}
+
+fn expand_contraction(word: &str) -> Vec<String> {
+    let word = word.replace('’', "'");
+    if let Some(base) = word.strip_suffix("n't") {
+        let base = match base {
+            "ca" => "can",
+            "wo" => "will",
+            "sha" => "shall",
+            "ai" => "is",
+            other => other,
+        };
+        return vec![base.to_owned(), "not".to_owned()];
+    }
+    if let Some((base, suffix)) = word.split_once('\'') {
+        return match suffix {
+            "s" | "re" | "ll" | "ve" | "m" | "d" => vec![base.to_owned()],
+            _ => vec![format!("{base}{suffix}")],
+        };
+    }
+    let unapostrophed = match word.as_str() {
+        "cannot" | "cant" => Some("can"),
+        "dont" => Some("do"),
+        "doesnt" => Some("does"),
+        "didnt" => Some("did"),
+        "isnt" => Some("is"),
+        "arent" => Some("are"),
+        "wasnt" => Some("was"),
+        "werent" => Some("were"),
+        "wont" => Some("will"),
+        "shouldnt" => Some("should"),
+        "couldnt" => Some("could"),
+        "wouldnt" => Some("would"),
+        "havent" => Some("have"),
+        "hasnt" => Some("has"),
+        _ => None,
+    };
+    match unapostrophed {
+        Some(base) => vec![base.to_owned(), "not".to_owned()],
+        None => vec![word],
+    }
+}
+
+fn rewrite_phrases(tokens: Vec<Token>) -> Vec<Token> {
+    let lexicon = &*LEXICON;
+    let mut out = Vec::with_capacity(tokens.len());
+    // the boundary a dropped phrase stood on passes to the next token
+    let mut pending_boundary = false;
+    let mut i = 0;
+    'tokens: while i < tokens.len() {
+        if let Some(phrases) = lexicon.phrases.get(tokens[i].text.as_str()) {
+            for (words, replacement) in phrases {
+                let fits = words.len() <= tokens.len() - i
+                    && words.iter().zip(&tokens[i..]).all(|(w, t)| *w == t.text && !t.code);
+                if fits {
+                    if replacement.is_empty() {
+                        pending_boundary |= tokens[i].boundary;
+                    } else {
+                        let named = tokens[i..i + words.len()].iter().any(|t| t.named);
+                        let boundary = tokens[i].boundary || std::mem::take(&mut pending_boundary);
+                        out.push(Token::new((*replacement).to_owned(), named, false, boundary));
+                    }
+                    i += words.len();
+                    continue 'tokens;
+                }
+            }
+        }
+        let mut token = tokens[i].clone();
+        token.boundary |= std::mem::take(&mut pending_boundary);
+        out.push(token);
+        i += 1;
+    }
+    out
+}
+
+fn apply_aliases(tokens: Vec<Token>) -> Vec<Token> {
+    let lexicon = &*LEXICON;
+    let mut out = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        match lexicon.aliases.get(token.text.as_str()) {
+            Some(expansion) => {
+                let mut boundary = token.boundary;
+                for word in expansion.split(' ') {
+                    out.push(Token::new(word.to_owned(), token.named, false, boundary));
+                    boundary = false;
+                }
+            }
+            None => out.push(token),
+        }
+    }
+    out
+}
+
+/// Number words become digits ("twenty five" → 25), thousands separators go, a number fused to
+/// its unit is split ("512Mi" → 512 Mi, "5kg" → 5 kg), and a multiplier word scales the number
+/// before it ("2 million").
+fn read_numbers(tokens: Vec<Token>) -> Vec<Token> {
+    let lexicon = &*LEXICON;
+    let mut out: Vec<Token> = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        let token = &tokens[i];
+        if matches!(token.text.as_str(), "hundred" | "thousand" | "million" | "billion")
+            && let Some(prev) = out.last_mut()
+            && let Ok(n) = prev.text.parse::<u64>()
+        {
+            let scale = lexicon.number_words.get(token.text.as_str()).copied().unwrap_or(1);
+            let text = n.saturating_mul(scale).to_string();
+            prev.set_text(text);
+            i += 1;
+            continue;
+        }
+        if lexicon.number_words.contains_key(token.text.as_str()) {
+            let (mut total, mut current) = (0u64, 0u64);
+            let mut j = i;
+            while let Some(v) = tokens.get(j).and_then(|t| lexicon.number_words.get(t.text.as_str()).copied()) {
+                match v {
+                    100 => current = current.max(1).saturating_mul(100),
+                    1_000 | 1_000_000 | 1_000_000_000 => {
+                        total = total.saturating_add(current.max(1).saturating_mul(v));
+                        current = 0;
+                    }
+                    _ => current = current.saturating_add(v),
+                }
+                j += 1;
+            }
+            let value = total.saturating_add(current);
+            out.push(Token::new(value.to_string(), false, false, token.boundary));
+            i = j;
+            continue;
+        }
+        let text = &token.text;
+        if text.starts_with(|c: char| c.is_ascii_digit()) && !token.code {
+            let digits_end =
+                text.find(|c: char| !(c.is_ascii_digit() || matches!(c, ',' | '.' | ':'))).unwrap_or(text.len());
+            let (number, suffix) = text.split_at(digits_end);
+            let number = number.replace(',', "");
+            let is_ordinal = matches!(suffix, "st" | "nd" | "rd" | "th");
+            if !suffix.is_empty() && !is_ordinal && lexicon.units.contains_key(suffix) {
+                out.push(Token::new(number, false, false, token.boundary));
+                out.push(Token::new(suffix.to_owned(), token.named, false, false));
+            } else {
+                out.push(Token::new(format!("{number}{suffix}"), token.named, false, token.boundary));
+            }
+            i += 1;
+            continue;
+        }
+        out.push(token.clone());
+        i += 1;
+    }
+    out
+}
+
+/// A light suffix stripper: enough that "sorting", "sorted" and "sorts" meet, not a linguist's stemmer.
+fn stem(word: &str) -> String {
+    if word.len() <= 3 || !word.bytes().all(|b| b.is_ascii_lowercase()) {
+        return word.to_owned();
+    }
+    let mut s = word.to_owned();
+    let ends_sibilant = |s: &str| ["s", "x", "z", "ch", "sh"].iter().any(|e| s.ends_with(e));
+    if s.len() > 4 && s.ends_with("ies") {
+        s.truncate(s.len() - 3);
+        s.push('y');
+    } else if s.ends_with("es") && ends_sibilant(&s[..s.len() - 2]) {
+        s.truncate(s.len() - 2);
+    } else if s.ends_with('s') && !s.ends_with("ss") && !s.ends_with("us") && !s.ends_with("is") {
+        s.truncate(s.len() - 1);
+    }
+    if s.len() >= 6 && s.ends_with("ing") {
+        s.truncate(s.len() - 3);
+    } else if (s.len() >= 5 && s.ends_with("ed")) || (s.len() >= 6 && s.ends_with("ly")) {
+        s.truncate(s.len() - 2);
+    } else if s.len() >= 7 && s.ends_with("al") {
+        s.truncate(s.len() - 2); // renewal, arrival, removal; not legal, signal
+    }
+    if s.len() > 3 && s.ends_with('e') {
+        s.truncate(s.len() - 1);
+    }
+    let bytes = s.as_bytes();
+    if bytes.len() > 3 {
+        let (a, b) = (bytes[bytes.len() - 2], bytes[bytes.len() - 1]);
+        if a == b && !matches!(b, b'l' | b's' | b'z' | b'a' | b'e' | b'i' | b'o' | b'u') {
+            s.truncate(s.len() - 1);
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typos
+
+/// Replaces a word on one side that is a likely misspelling of a word on the other side by that
+/// word, so "ubunut" meets "Ubuntu" and "wihtout" counts as a negation. Words the guard knows
+/// (units, languages, names, opposites) are never turned into one another.
+fn correct_typos(a: &mut [Token], b: &mut [Token]) {
+    // Bounded work: long prompts that differ in many words are refused by the word comparison anyway.
+    const MAX_PAIRS: usize = 20_000;
+    let lexicon = &*LEXICON;
+    let a_words: HashSet<String> = a.iter().map(|t| t.text.clone()).collect();
+    let b_words: HashSet<String> = b.iter().map(|t| t.text.clone()).collect();
+    let candidates = |side: &[Token], other: &HashSet<String>| -> Vec<usize> {
+        let eligible = |t: &Token| t.text.chars().count() >= 5 && t.text.chars().all(char::is_alphabetic);
+        (0..side.len()).filter(|&i| eligible(&side[i]) && !other.contains(&side[i].text)).collect()
+    };
+    let a_only = candidates(a, &b_words);
+    let b_only = candidates(b, &a_words);
+    if a_only.len() * b_only.len() > MAX_PAIRS {
+        return;
+    }
+    for &i in &a_only {
+        let word: Vec<char> = a[i].text.chars().collect();
+        let best = b_only
+            .iter()
+            .copied()
+            .filter(|&j| {
+                let other: Vec<char> = b[j].text.chars().collect();
+                let known = lexicon.known(&a[i].text) && lexicon.known(&b[j].text);
+                !known && other[0] == word[0] && within_typo_distance(&word, &other)
+            })
+            .min_by_key(|&j| osa_distance(&word, &b[j].text.chars().collect::<Vec<_>>()));
+        if let Some(j) = best {
+            if lexicon.known(&a[i].text) {
+                let text = a[i].text.clone();
+                b[j].set_text(text);
+            } else {
+                let text = b[j].text.clone();
+                a[i].set_text(text);
+            }
+        }
+    }
+}
+
+fn within_typo_distance(a: &[char], b: &[char]) -> bool {
+    let shorter = a.len().min(b.len());
+    let allowed = if shorter >= 9 { 2 } else { 1 };
+    a.len().abs_diff(b.len()) <= allowed && osa_distance(a, b) <= allowed
+}
+
+/// Optimal string alignment distance: edits, with a swap of neighbours counting as one.
+fn osa_distance(a: &[char], b: &[char]) -> usize {
+    let width = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * width];
+    for i in 0..=a.len() {
+        d[i * width] = i;
+    }
+    for (j, cell) in d.iter_mut().enumerate().take(width) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best =
+                (d[(i - 1) * width + j] + 1).min(d[i * width + j - 1] + 1).min(d[(i - 1) * width + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[(i - 2) * width + j - 2] + 1);
+            }
+            d[i * width + j] = best;
+        }
+    }
+    d[a.len() * width + b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features and comparison
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum NumberKind {
+    Plain,
+    Version,
+    Date,
+}
+
+struct Prompt {
+    tokens: Vec<Token>,
+    numbers: BTreeMap<String, (usize, NumberKind)>,
+    units: Vec<(&'static str, bool)>,
+    dates: BTreeMap<String, usize>,
+    negations: usize,
+    languages: BTreeSet<String>,
+    code: BTreeSet<String>,
+    /// Indices of the words that carry meaning, once everything compared on its own is taken out.
+    content: Vec<usize>,
+}
+
+impl Prompt {
+    fn new(tokens: Vec<Token>) -> Self {
+        let lexicon = &*LEXICON;
+        let mut prompt = Self {
+            tokens,
+            numbers: BTreeMap::new(),
+            units: Vec::new(),
+            dates: BTreeMap::new(),
+            negations: 0,
+            languages: BTreeSet::new(),
+            code: BTreeSet::new(),
+            content: Vec::new(),
+        };
+        for i in 0..prompt.tokens.len() {
+            let token = &prompt.tokens[i];
+            let prev = i.checked_sub(1).map(|p| &prompt.tokens[p]);
+            let next = prompt.tokens.get(i + 1);
+            let prev_is_number = prev.is_some_and(Token::is_number);
+            if token.code {
+                prompt.code.insert(token.text.clone());
+            } else if token.is_number() || token.text.starts_with(|c: char| c.is_ascii_digit()) {
+                let kind = number_kind(token, prev, next);
+                let entry = prompt.numbers.entry(token.text.clone()).or_insert((0, kind));
+                entry.0 += 1;
+                entry.1 = entry.1.max(kind);
+            } else if let Some(unit) = unit_of(token, prev, next) {
+                let attached = prev_is_number || next.is_some_and(Token::is_number);
+                prompt.units.push((unit, attached));
+            } else if lexicon.negations.contains(token.text.as_str()) {
+                prompt.negations += 1;
+            } else if let Some(language) = language_of(token, prev, next) {
+                prompt.languages.insert(language);
+            } else if is_date(token, prev, next) {
+                *prompt.dates.entry(token.text.clone()).or_default() += 1;
+            } else if token.is_word() && token.text.chars().any(|c| c.is_ascii_digit()) {
+                // es2020, ipv6, v2: an identifier with a version in it
+                let entry = prompt.numbers.entry(token.text.clone()).or_insert((0, NumberKind::Version));
+                entry.0 += 1;
+            } else if token.is_word() && !lexicon.filler.contains(&token.stem) {
+                prompt.content.push(i);
+            }
+        }
+        prompt
+    }
+
+    fn compare(&self, other: &Self) -> Result<(), Refusal> {
+        self.compare_numbers(other)?;
+        self.compare_units(other)?;
+        compare_counts("date", &self.dates, &other.dates)?;
+        if self.negations != other.negations {
+            let detail = format!("{} vs {} negations", self.negations, other.negations);
+            return Err(Refusal { reason: "negation", detail });
+        }
+        self.compare_poles(other)?;
+        compare_sets("language", &self.languages, &other.languages)?;
+        compare_sets("code", &self.code, &other.code)?;
+        self.compare_direction(other)?;
+        self.compare_words(other)
+    }
+
+    fn compare_numbers(&self, other: &Self) -> Result<(), Refusal> {
+        let (mine, theirs) = differences(&self.numbers, &other.numbers, |v| v.0);
+        if mine.is_empty() && theirs.is_empty() {
+            return Ok(());
+        }
+        // "a pound" and "1 lb", "one more thing": a lone 1 on one side decides nothing.
+        let lone_one = |side: &[&String], other: &[&String]| other.is_empty() && side.len() == 1 && side[0] == "1";
+        if lone_one(&mine, &theirs) || lone_one(&theirs, &mine) {
+            return Ok(());
+        }
+        let kind = mine
+            .iter()
+            .filter_map(|n| self.numbers.get(*n))
+            .chain(theirs.iter().filter_map(|n| other.numbers.get(*n)))
+            .map(|v| v.1)
+            .max()
+            .unwrap_or(NumberKind::Plain);
+        let reason = match kind {
+            NumberKind::Plain => "number",
+            NumberKind::Version => "version",
+            NumberKind::Date => "date",
+        };
+        Err(Refusal { reason, detail: versus(&mine, &theirs) })
+    }
+
+    fn compare_units(&self, other: &Self) -> Result<(), Refusal> {
+        let count = |units: &[(&'static str, bool)]| {
+            let mut map: BTreeMap<&'static str, usize> = BTreeMap::new();
+            for (unit, _) in units {
+                *map.entry(*unit).or_default() += 1;
+            }
+            map
+        };
+        let (mine, theirs) = (count(&self.units), count(&other.units));
+        let (only_mine, only_theirs) = differences(&mine, &theirs, |n| *n);
+        if only_mine.is_empty() && only_theirs.is_empty() {
+            return Ok(());
+        }
+        // "how many hours of sleep" vs "how much sleep each night": a unit on one side only,
+        // measuring nothing, is wording; a unit swapped for another, or attached to a number, is not.
+        let attached = |units: &[(&'static str, bool)], differing: &[&&'static str]| {
+            units.iter().any(|(u, attached)| *attached && differing.contains(&u))
+        };
+        let decisive = (!self.units.is_empty() && !other.units.is_empty())
+            || attached(&self.units, &only_mine)
+            || attached(&other.units, &only_theirs)
+            || only_mine.iter().chain(&only_theirs).any(|u| !LEXICON.time_units.contains(**u));
+        if decisive {
+            return Err(Refusal { reason: "unit", detail: versus(&only_mine, &only_theirs) });
+        }
+        Ok(())
+    }
+
+    /// Opposite words (enable/disable), and a word against its negated form (mute/unmute,
+    /// legal/illegal).
+    fn compare_poles(&self, other: &Self) -> Result<(), Refusal> {
+        let lexicon = &*LEXICON;
+        let mine: HashSet<&str> = self.tokens.iter().map(|t| t.stem.as_str()).collect();
+        let theirs: HashSet<&str> = other.tokens.iter().map(|t| t.stem.as_str()).collect();
+        for &word in &mine {
+            if theirs.contains(word) {
+                continue;
+            }
+            for opposite in lexicon.opposites.get(word).into_iter().flatten() {
+                if theirs.contains(opposite.as_str()) && !mine.contains(opposite.as_str()) {
+                    return Err(Refusal { reason: "antonym", detail: format!("{word} vs {opposite}") });
+                }
+            }
+            for &their_word in &theirs {
+                if mine.contains(their_word) {
+                    continue;
+                }
+                let (long, short) = if word.len() > their_word.len() { (word, their_word) } else { (their_word, word) };
+                let negated = short.len() >= 4
+                    && NEGATING_PREFIXES.iter().any(|p| long.strip_prefix(p).is_some_and(|rest| rest == short));
+                if negated {
+                    return Err(Refusal { reason: "antonym", detail: format!("{word} vs {their_word}") });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// "from A to B" against "from B to A", "A than B" against "B than A".
+    fn compare_direction(&self, other: &Self) -> Result<(), Refusal> {
+        let mine = self.directed_pairs();
+        let theirs = other.directed_pairs();
+        for (from, to) in &mine {
+            let reversed = (to.clone(), from.clone());
+            if theirs.contains(&reversed) && !theirs.contains(&(from.clone(), to.clone())) && !mine.contains(&reversed)
+            {
+                return Err(Refusal { reason: "direction", detail: format!("{from}→{to} vs {to}→{from}") });
+            }
+        }
+        Ok(())
+    }
+
+    /// Pairs (a, b) of meaningful words with a directional connector between them: a to b, a into
+    /// b, a than b, a of b. Up to three words on each side, within the clause.
+    fn directed_pairs(&self) -> HashSet<(String, String)> {
+        const REACH: usize = 3;
+        // "capital of France": "of" binds its nearest words only
+        let reach = |t: &Token| if t.text == "of" { 1 } else { REACH };
+        let lexicon = &*LEXICON;
+        let is_connector = |t: &Token| matches!(t.text.as_str(), "to" | "into" | "than" | "of" | "->");
+        let meaningful = |t: &Token| t.is_word() && !is_connector(t) && !lexicon.filler.contains(&t.stem);
+        let mut pairs = HashSet::new();
+        for (i, connector) in self.tokens.iter().enumerate() {
+            if !is_connector(connector) {
+                continue;
+            }
+            let mut left = Vec::new();
+            for j in (0..i).rev() {
+                let t = &self.tokens[j];
+                if is_connector(t) || left.len() == reach(connector) {
+                    break;
+                }
+                if meaningful(t) {
+                    left.push(t.stem.as_str());
+                }
+                if t.boundary {
+                    break;
+                }
+            }
+            if connector.boundary {
+                left.clear();
+            }
+            let mut right = Vec::new();
+            for t in &self.tokens[i + 1..] {
+                if is_connector(t) || t.boundary || right.len() == reach(connector) {
+                    break;
+                }
+                if meaningful(t) {
+                    right.push(t.stem.as_str());
+                }
+            }
+            for l in &left {
+                for r in &right {
+                    if l != r {
+                        pairs.insert(((*l).to_owned(), (*r).to_owned()));
+                    }
+                }
+            }
+        }
+        pairs
+    }
+
+    /// The words each side has that the other lacks, after synonyms, compounds ("backup" and
+    /// "back up") and acronyms ("NYC" and "New York City") are matched up.
+    fn compare_words(&self, other: &Self) -> Result<(), Refusal> {
+        let lexicon = &*LEXICON;
+        let mut mine_matched = vec![false; self.content.len()];
+        let mut theirs_matched = vec![false; other.content.len()];
+        // Against every word of the other side, filler included: "fastest" meets "quickly".
+        let their_stems: HashSet<&str> = other.tokens.iter().map(|t| t.stem.as_str()).collect();
+        let my_stems: HashSet<&str> = self.tokens.iter().map(|t| t.stem.as_str()).collect();
+        let groups = |stems: &HashSet<&str>| -> HashSet<usize> {
+            stems.iter().filter_map(|s| lexicon.synonyms.get(*s)).flatten().copied().collect()
+        };
+        let (my_groups, their_groups) = (groups(&my_stems), groups(&their_stems));
+        let matches = |stem: &str, stems: &HashSet<&str>, groups: &HashSet<usize>| {
+            stems.contains(stem) || lexicon.synonyms.get(stem).is_some_and(|g| g.iter().any(|g| groups.contains(g)))
+        };
+        for (k, &i) in self.content.iter().enumerate() {
+            mine_matched[k] = matches(&self.tokens[i].stem, &their_stems, &their_groups);
+        }
+        for (k, &i) in other.content.iter().enumerate() {
+            theirs_matched[k] = matches(&other.tokens[i].stem, &my_stems, &my_groups);
+        }
+        self.match_spans(other, &mut mine_matched, &mut theirs_matched);
+        other.match_spans(self, &mut theirs_matched, &mut mine_matched);
+
+        let extra = |prompt: &Self, matched: &[bool]| -> Vec<usize> {
+            prompt.content.iter().zip(matched).filter(|(_, m)| !**m).map(|(&i, _)| i).collect()
+        };
+        let mine = extra(self, &mine_matched);
+        let theirs = extra(other, &theirs_matched);
+        let words = |prompt: &Self, extra: &[usize]| -> Vec<String> {
+            extra.iter().map(|&i| prompt.tokens[i].text.clone()).collect()
+        };
+        let named = |prompt: &Self, extra: &[usize]| {
+            extra.iter().any(|&i| prompt.tokens[i].named || lexicon.names.contains(prompt.tokens[i].text.as_str()))
+        };
+        let detail = || {
+            versus(&words(self, &mine).iter().collect::<Vec<_>>(), &words(other, &theirs).iter().collect::<Vec<_>>())
+        };
+        if named(self, &mine) || named(other, &theirs) {
+            return Err(Refusal { reason: "entity", detail: detail() });
+        }
+        match (mine.len(), theirs.len()) {
+            (0, 0) => Ok(()),
+            // One side asks for something the other does not mention: "in descending order",
+            // "vegan", "recursively".
+            (0, _) | (_, 0) => Err(Refusal { reason: "constraint", detail: detail() }),
+            // Everything equal but one word swapped for another that is not its synonym:
+            // "protein in salmon" vs "protein in chicken".
+            (1, 1) => Err(Refusal { reason: "term", detail: detail() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks as matched a word of `self` that is a compound of two neighbouring words of `other`
+    /// ("backup"/"back up") or an acronym of neighbouring words ("NYC"/"New York City"), and the
+    /// words of `other` it stands for.
+    fn match_spans(&self, other: &Self, mine_matched: &mut [bool], theirs_matched: &mut [bool]) {
+        for (k, &i) in self.content.iter().enumerate() {
+            if mine_matched[k] {
+                continue;
+            }
+            let word = &self.tokens[i].text;
+            let letters = word.chars().count();
+            let mut span = None;
+            for start in 0..other.tokens.len() {
+                let two = other.tokens.get(start..start + 2);
+                if two.is_some_and(|t| {
+                    t[0].text.len() + t[1].text.len() == word.len() && format!("{}{}", t[0].text, t[1].text) == *word
+                }) {
+                    span = Some(start..start + 2);
+                    break;
+                }
+                let acronym = (2..=6).contains(&letters) && word.chars().all(|c| c.is_ascii_alphabetic());
+                if acronym
+                    && let Some(window) = other.tokens.get(start..start + letters)
+                    && window.iter().zip(word.chars()).all(|(t, c)| t.text.starts_with(c))
+                    && window.iter().all(Token::is_word)
+                {
+                    span = Some(start..start + letters);
+                    break;
+                }
+            }
+            if let Some(span) = span {
+                mine_matched[k] = true;
+                for (m, &j) in other.content.iter().enumerate() {
+                    if span.contains(&j) {
+                        theirs_matched[m] = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// "de" is left out: "deduplicate" does not negate "duplicate"; its true opposites (decrypt,
+/// decompress) are listed pairs.
+const NEGATING_PREFIXES: &[&str] = &["un", "dis", "in", "il", "im", "ir", "non", "anti", "mis"];
+
+fn number_kind(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> NumberKind {
+    let lexicon = &*LEXICON;
+    let text = &token.text;
+    if text.contains(':') || text.ends_with("am") || text.ends_with("pm") {
+        return NumberKind::Date;
+    }
+    let month_near = [prev, next].into_iter().flatten().any(|t| lexicon.months.contains(t.text.as_str()));
+    if month_near {
+        return NumberKind::Date;
+    }
+    let product_before = prev.is_some_and(|p| {
+        p.named
+            || lexicon.names.contains(p.text.as_str())
+            || lexicon.languages.contains(p.text.as_str())
+            || matches!(
+                p.text.as_str(),
+                "version" | "v" | "edition" | "release" | "api" | "level" | "gen" | "generation"
+            )
+    });
+    if product_before || text.contains(char::is_alphabetic) || text.matches('.').count() > 1 {
+        return NumberKind::Version;
+    }
+    let year = text.len() == 4 && text.parse::<u32>().is_ok_and(|y| (1000..=2100).contains(&y));
+    if year {
+        return NumberKind::Date;
+    }
+    if text.contains('.') && prev.is_some_and(|p| p.is_word() && !lexicon.filler.contains(&p.stem)) {
+        return NumberKind::Version;
+    }
+    NumberKind::Plain
+}
+
+fn unit_of(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> Option<&'static str> {
+    let lexicon = &*LEXICON;
+    let unit = *lexicon.units.get(token.text.as_str())?;
+    if !lexicon.ambiguous_units.contains(token.text.as_str()) {
+        return Some(unit);
+    }
+    let after_number = prev.is_some_and(Token::is_number);
+    let after_unit = prev.is_some_and(|p| lexicon.units.contains_key(p.text.as_str()) && !p.boundary);
+    let after_degree = prev.is_some_and(|p| matches!(p.text.as_str(), "degree" | "degrees" | "°"));
+    let is_letter = token.text.chars().count() == 1;
+    let before_number = next.is_some_and(Token::is_number) && !is_letter;
+    (after_number || after_degree || (after_unit && is_letter) || before_number).then_some(unit)
+}
+
+fn language_of(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> Option<String> {
+    let lexicon = &*LEXICON;
+    let text = token.text.as_str();
+    let base = text;
+    if !lexicon.languages.contains(base) {
+        return None;
+    }
+    if !lexicon.ambiguous_languages.contains(base) {
+        return Some(base.to_owned());
+    }
+    let introduced = prev.is_some_and(|p| {
+        matches!(p.text.as_str(), "in" | "using" | "with" | "for" | "learn" | "write" | "between" | "and" | "or" | "vs")
+    });
+    let followed = next.is_some_and(|n| {
+        matches!(
+            n.stem.as_str(),
+            "cod"
+                | "program"
+                | "programm"
+                | "languag"
+                | "script"
+                | "function"
+                | "struct"
+                | "class"
+                | "modul"
+                | "crate"
+                | "library"
+                | "developer"
+                | "compiler"
+                | "macro"
+                | "trait"
+                | "interfac"
+                | "project"
+        )
+    });
+    let spelled_as_name = token.named && token.text.chars().count() > 1;
+    (spelled_as_name || introduced || followed).then(|| base.to_owned())
+}
+
+fn is_date(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> bool {
+    let lexicon = &*LEXICON;
+    let text = token.text.as_str();
+    if lexicon.dates.contains(text) || lexicon.weekdays.contains(text) {
+        return true;
+    }
+    if !lexicon.months.contains(text) {
+        return false;
+    }
+    !lexicon.ambiguous_months.contains(text)
+        || token.named
+        || prev.is_some_and(Token::is_number)
+        || next.is_some_and(Token::is_number)
+}
+
+fn compare_counts(
+    reason: &'static str,
+    a: &BTreeMap<String, usize>,
+    b: &BTreeMap<String, usize>,
+) -> Result<(), Refusal> {
+    let (mine, theirs) = differences(a, b, |n| *n);
+    if mine.is_empty() && theirs.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal { reason, detail: versus(&mine, &theirs) })
+}
+
+fn compare_sets(reason: &'static str, a: &BTreeSet<String>, b: &BTreeSet<String>) -> Result<(), Refusal> {
+    if a == b {
+        return Ok(());
+    }
+    let mine: Vec<&String> = a.difference(b).collect();
+    let theirs: Vec<&String> = b.difference(a).collect();
+    Err(Refusal { reason, detail: versus(&mine, &theirs) })
+}
+
+/// The keys whose counts differ, on each side.
+fn differences<'m, K: Ord, V>(
+    a: &'m BTreeMap<K, V>,
+    b: &'m BTreeMap<K, V>,
+    count: impl Fn(&V) -> usize,
+) -> (Vec<&'m K>, Vec<&'m K>) {
+    let more = |x: &'m BTreeMap<K, V>, y: &'m BTreeMap<K, V>| -> Vec<&'m K> {
+        x.iter().filter(|(k, v)| y.get(*k).map_or(0, &count) < count(v)).map(|(k, _)| k).collect()
+    };
+    (more(a, b), more(b, a))
+}
+
+fn versus<T: fmt::Display>(mine: &[T], theirs: &[T]) -> String {
+    let side = |words: &[T]| {
+        if words.is_empty() {
+            "nothing".to_owned()
+        } else {
+            words.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+        }
+    };
+    format!("{} vs {}", side(mine), side(theirs))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lexicon
+
+struct Lexicon {
+    filler: HashSet<String>,
+    /// Stem → the synonym groups it belongs to.
+    synonyms: HashMap<String, Vec<usize>>,
+    /// Stem → the stems of its opposites.
+    opposites: HashMap<String, Vec<String>>,
+    negations: HashSet<&'static str>,
+    /// First word → (phrase words, replacement), longest phrase first.
+    phrases: HashMap<&'static str, Vec<(Vec<&'static str>, &'static str)>>,
+    aliases: HashMap<&'static str, &'static str>,
+    units: HashMap<&'static str, &'static str>,
+    ambiguous_units: HashSet<&'static str>,
+    time_units: HashSet<&'static str>,
+    weekdays: HashSet<&'static str>,
+    months: HashSet<&'static str>,
+    ambiguous_months: HashSet<&'static str>,
+    dates: HashSet<&'static str>,
+    languages: HashSet<&'static str>,
+    ambiguous_languages: HashSet<&'static str>,
+    names: HashSet<&'static str>,
+    number_words: HashMap<&'static str, u64>,
+}
+
+impl Lexicon {
+    /// Names, languages and units: compared as written, never stemmed.
+    fn proper(&self, word: &str) -> bool {
+        self.names.contains(word) || self.languages.contains(word) || self.units.contains_key(word)
+    }
+
+    /// Words with a meaning of their own to the guard, never "corrected" into one another.
+    fn known(&self, word: &str) -> bool {
+        self.units.contains_key(word)
+            || self.languages.contains(word)
+            || self.names.contains(word)
+            || self.negations.contains(word)
+            || self.opposites.contains_key(&stem(word))
+            || self.number_words.contains_key(word)
+            || self.months.contains(word)
+            || self.weekdays.contains(word)
+            || self.dates.contains(word)
+    }
+}
+
+static LEXICON: LazyLock<Lexicon> = LazyLock::new(|| {
+    let mut synonyms: HashMap<String, Vec<usize>> = HashMap::new();
+    for (group, members) in words::SYNONYMS.iter().enumerate() {
+        for member in *members {
+            synonyms.entry(stem(member)).or_default().push(group);
+        }
+    }
+    let mut opposites: HashMap<String, Vec<String>> = HashMap::new();
+    for (a, b) in words::ANTONYMS {
+        opposites.entry(stem(a)).or_default().push(stem(b));
+        opposites.entry(stem(b)).or_default().push(stem(a));
+    }
+    let mut phrases: HashMap<&'static str, Vec<(Vec<&'static str>, &'static str)>> = HashMap::new();
+    for (phrase, replacement) in words::PHRASES {
+        let words: Vec<&'static str> = phrase.split(' ').collect();
+        phrases.entry(words[0]).or_default().push((words, replacement));
+    }
+    for list in phrases.values_mut() {
+        list.sort_by_key(|(words, _)| std::cmp::Reverse(words.len()));
+    }
+    let set = |list: &[&'static str]| list.iter().copied().collect::<HashSet<_>>();
+    let mut languages = set(words::PROGRAMMING_LANGUAGES);
+    languages.extend(words::NATURAL_LANGUAGES);
+    Lexicon {
+        filler: words::FILLER.iter().map(|w| stem(w)).collect(),
+        synonyms,
+        opposites,
+        negations: set(words::NEGATIONS),
+        phrases,
+        aliases: words::ALIASES.iter().copied().collect(),
+        units: words::UNITS.iter().copied().collect(),
+        ambiguous_units: set(words::AMBIGUOUS_UNITS),
+        time_units: set(words::TIME_UNITS),
+        weekdays: set(words::WEEKDAYS),
+        months: set(words::MONTHS),
+        ambiguous_months: set(words::AMBIGUOUS_MONTHS),
+        dates: set(words::DATE_WORDS),
+        languages,
+        ambiguous_languages: set(words::AMBIGUOUS_LANGUAGES),
+        names: set(words::NAMES),
+        number_words: NUMBER_WORDS.iter().copied().collect(),
+    }
+});
+
+const NUMBER_WORDS: &[(&str, u64)] = &[
+    ("zero", 0),
+    ("one", 1),
+    ("two", 2),
+    ("three", 3),
+    ("four", 4),
+    ("five", 5),
+    ("six", 6),
+    ("seven", 7),
+    ("eight", 8),
+    ("nine", 9),
+    ("ten", 10),
+    ("eleven", 11),
+    ("twelve", 12),
+    ("thirteen", 13),
+    ("fourteen", 14),
+    ("fifteen", 15),
+    ("sixteen", 16),
+    ("seventeen", 17),
+    ("eighteen", 18),
+    ("nineteen", 19),
+    ("twenty", 20),
+    ("thirty", 30),
+    ("forty", 40),
+    ("fifty", 50),
+    ("sixty", 60),
+    ("seventy", 70),
+    ("eighty", 80),
+    ("ninety", 90),
+    ("hundred", 100),
+    ("thousand", 1_000),
+    ("million", 1_000_000),
+    ("billion", 1_000_000_000),
+    ("dozen", 12),
+    ("twice", 2),
+    ("once", 1),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(query: &str, cached: &str) -> &'static str {
+        match verify(query, cached) {
+            Err(refusal) => refusal.reason,
+            Ok(()) => panic!("expected a refusal: {query:?} / {cached:?}"),
+        }
+    }
+
+    fn passes(query: &str, cached: &str) {
+        if let Err(refusal) = verify(query, cached) {
+            panic!("expected a pass, refused ({refusal}): {query:?} / {cached:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_decide() {
+        assert_eq!(refused("Is 23 a prime number?", "Is 27 a prime number?"), "number");
+        assert_eq!(refused("Split the bill between six people", "Split the bill between 8 people"), "number");
+        assert_eq!(refused("What is 12% of 250?", "What is 12% of 350?"), "number");
+        passes("Show me five ways to save money", "Show me 5 ways to save money");
+        passes("How many grams are in a kilogram?", "How many grams are in 1 kg?");
+    }
+
+    #[test]
+    fn dates_and_times_decide() {
+        assert_eq!(refused("What happened on 9 November 1989?", "What happened on 9 November 1999?"), "date");
+        assert_eq!(refused("Is the gym open on Thursday?", "Is the gym open on Friday?"), "date");
+        assert_eq!(refused("Remind me at 6pm", "Remind me at 8pm"), "date");
+        assert_eq!(
+            refused("What were the best albums of this year?", "What were the best albums of last year?"),
+            "date"
+        );
+    }
+
+    #[test]
+    fn versions_decide() {
+        assert_eq!(refused("How do I install Go 1.21?", "How do I install Go 1.22?"), "version");
+        assert_eq!(refused("Which features arrived in ES2019?", "Which features arrived in ES2021?"), "version");
+        assert_eq!(refused("Is Debian 11 still supported?", "Is Debian 12 still supported?"), "version");
+    }
+
+    #[test]
+    fn units_decide() {
+        assert_eq!(refused("How many cups is 500 ml?", "How many cups is 500 g?"), "unit");
+        assert_eq!(refused("Convert 5 km to miles", "Convert 5 km to meters"), "unit");
+        assert_eq!(refused("What is 20 dollars in yen?", "What is 20 euros in yen?"), "unit");
+        passes("How long do I steep black tea?", "How many minutes do I steep black tea?");
+    }
+
+    #[test]
+    fn negation_decides() {
+        assert_eq!(refused("Why isn't my cron job running?", "Why is my cron job running?"), "negation");
+        assert_eq!(refused("Soups that freeze well without cream", "Soups that freeze well with cream"), "negation");
+        assert_eq!(refused("Which cheeses are not pasteurised?", "Which cheeses are pasteurised?"), "negation");
+        passes("how do I boil rice wihtout a lid", "How do I boil rice without a lid?");
+        passes("How do I cook rice if I don't have a rice cooker?", "How do I cook rice without a rice cooker?");
+    }
+
+    #[test]
+    fn opposites_decide() {
+        assert_eq!(refused("How do I enable SSH password login?", "How do I disable SSH password login?"), "antonym");
+        assert_eq!(refused("How do I unarchive an email in Gmail?", "How do I archive an email in Gmail?"), "antonym");
+        assert_eq!(refused("Which spices lower cholesterol?", "Which spices raise cholesterol?"), "antonym");
+        assert_eq!(refused("Sort invoices by amount, ascending", "Sort invoices by amount, descending"), "antonym");
+        assert_eq!(refused("How do I zoom in on a map?", "How do I zoom out on a map?"), "antonym");
+        passes("How do I turn on the flashlight on Android?", "How do I enable the flashlight on Android?");
+    }
+
+    #[test]
+    fn direction_decides() {
+        assert_eq!(refused("Convert pounds to kilograms", "Convert kilograms to pounds"), "direction");
+        assert_eq!(refused("Is tea healthier than coffee?", "Is coffee healthier than tea?"), "direction");
+        assert_eq!(
+            refused("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
+            "direction"
+        );
+        passes(
+            "What is the difference between git fetch and git pull?",
+            "What's the difference between git pull and git fetch?",
+        );
+    }
+
+    #[test]
+    fn languages_decide() {
+        assert_eq!(refused("How do I read a file in Kotlin?", "How do I read a file in Scala?"), "language");
+        assert_eq!(refused("How do I sort a slice in Go?", "How do I sort a slice in Rust?"), "language");
+        assert_eq!(refused("How do I sort a slice in go", "How do I sort a slice"), "language");
+        assert_eq!(refused("Translate 'cheers' into Dutch", "Translate 'cheers' into Swedish"), "language");
+        passes("Let's go to the beach: what should I pack?", "What should I pack for the beach?");
+    }
+
+    #[test]
+    fn code_identifiers_decide() {
+        assert_eq!(refused("What does `Vec::with_capacity` do?", "What does `Vec::reserve` do?"), "code");
+        assert_eq!(refused("What does os.path.join do?", "What does os.path.split do?"), "code");
+        assert_eq!(refused("Why does parse_args() fail?", "Why does parse_env() fail?"), "code");
+    }
+
+    #[test]
+    fn names_and_swapped_terms_decide() {
+        assert_eq!(
+            refused("What's the weather like in Lisbon in spring?", "What's the weather like in Porto in spring?"),
+            "entity"
+        );
+        assert_eq!(refused("How do I install helm on a server?", "How do I install kubectl on a server?"), "entity");
+        assert_eq!(refused("How much fibre is in lentils?", "How much fibre is in oats?"), "term");
+    }
+
+    #[test]
+    fn added_constraints_decide() {
+        assert_eq!(refused("How do I flatten a nested list?", "How do I flatten a nested list lazily?"), "constraint");
+        assert_eq!(refused("Give me a curry recipe", "Give me a vegetarian curry recipe"), "constraint");
+    }
+
+    #[test]
+    fn paraphrases_pass() {
+        passes("What is the ROI of solar panels?", "What is the return on investment of solar panels?");
+        passes("How do I back up my phone?", "How do I backup my phone?");
+        passes("how to deploy to k8s", "How to deploy to Kubernetes?");
+        passes("how do I instal nginx on debain", "How do I install nginx on Debian?");
+        passes("Hi! Could you please tell me how to rename a git branch? Thanks", "How do I rename a git branch?");
+        passes("In Go, how do I sort a slice?", "How do I sort a slice in Go?");
+        passes("How do I delete a Docker image?", "How do I remove a Docker image?");
+        passes("How To Reverse A List In Python", "how to reverse a list in python");
+        passes("pls explain how ur cache works thx", "Please explain how your cache works, thanks");
+        passes("What's the quickest way to defrost chicken?", "What is the fastest way to defrost chicken?");
+    }
+
+    #[test]
+    fn odd_input_never_panics() {
+        let long = "word ".repeat(2_000) + &"ü".repeat(2_000);
+        let odd = [
+            "",
+            " ",
+            "\n\t",
+            "🙂🙃",
+            "`",
+            "``",
+            "```rust",
+            "((((",
+            "w/",
+            "w/o",
+            "c++",
+            "c#",
+            "1,0000",
+            "...",
+            "'",
+            "n't",
+            "é́́",
+            "\u{200b}\u{200d}",
+            "مرحبا بالعالم",
+            "こんにちは世界",
+            "İstanbul",
+            "ß",
+            "ǅ",
+            "3.",
+            ".3",
+            "10:",
+            ":10",
+            "$",
+            "%%",
+            "°°",
+            "->",
+            "→",
+            "1e309",
+            "99999999999999999999999 million",
+            "ninety ninety hundred thousand billion",
+            long.as_str(),
+        ];
+        for a in odd {
+            for b in odd {
+                let _ = verify(a, b);
+            }
+            let _ = verify(a, "How do I reverse a list in Python?");
+            let _ = verify("How do I reverse a list in Python?", a);
+        }
+        passes("", "");
+        passes("🙂", "🙂");
+    }
+
+    #[test]
+    fn long_prompts_are_compared_in_full() {
+        let body = "Please review this paragraph about our deployment process and suggest improvements. ".repeat(100);
+        passes(&format!("{body} Keep it short."), &format!("{body} Keep it short."));
+        assert_eq!(refused(&format!("{body} Use 3 bullet points."), &format!("{body} Use 5 bullet points.")), "number");
+    }
+
+    #[test]
+    fn hit_rule_applies_threshold_then_guard() {
+        let rule = HitRule { threshold: 0.85, verify: true };
+        assert_eq!(rule.accepts(0.80, "a", "a"), Err(Miss::BelowThreshold));
+        assert!(
+            matches!(rule.accepts(0.95, "enable 2FA", "disable 2FA"), Err(Miss::Refused(r)) if r.reason == "antonym")
+        );
+        assert_eq!(rule.accepts(0.95, "How do I reset my password?", "how do i reset my pasword"), Ok(()));
+        let unguarded = HitRule { verify: false, ..rule };
+        assert_eq!(unguarded.accepts(0.95, "enable 2FA", "disable 2FA"), Ok(()));
+        let config: crate::config::SemanticCacheLookupConfig =
+            toml::from_str("similarity-threshold = 0.9\nverify-hits = false").expect("valid lookup config");
+        assert_eq!(HitRule::from_config(&config), HitRule { threshold: 0.9, verify: false });
+        let defaults: crate::config::SemanticCacheLookupConfig = toml::from_str("").expect("valid lookup config");
+        assert_eq!(HitRule::from_config(&defaults), HitRule { threshold: 0.85, verify: true });
+    }
+}
+
+#[cfg(test)]
+mod dev_harness {
+    #[test]
+    #[ignore]
+    fn dev_split() {
+        let split = std::env::var("SPLIT").unwrap_or_else(|_| "dev".into());
+        let text =
+            std::fs::read_to_string(std::env::var("PAIRS").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../loadtest/cache-eval.jsonl").into())).unwrap();
+        let mut stats: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["split"] != split.as_str() {
+                continue;
+            }
+            let (a, b, label, kind) = (
+                v["a"].as_str().unwrap(),
+                v["b"].as_str().unwrap(),
+                v["label"].as_str().unwrap(),
+                v["kind"].as_str().unwrap(),
+            );
+            let r = super::verify(a, b);
+            let r2 = super::verify(b, a);
+            let e = stats.entry(format!("{label}/{kind}")).or_default();
+            e.1 += 1;
+            let wrong = if label == "same" { r.is_err() } else { r.is_ok() };
+            if wrong {
+                e.0 += 1;
+                println!("WRONG {label}/{kind}: {a} || {b} => {:?}", r.as_ref().err().map(|r| r.to_string()));
+            }
+            if r.is_ok() != r2.is_ok() {
+                println!("ASYM {a} || {b} => {:?} / {:?}", r, r2);
+            }
+        }
+        for (k, (w, n)) in stats {
+            println!("{k}: wrong {w}/{n}");
+        }
+    }
+}
