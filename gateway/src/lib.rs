@@ -8,6 +8,7 @@ pub mod cache;
 pub mod client_ip;
 pub mod config;
 pub mod context;
+pub mod embed;
 pub mod error;
 pub mod openai;
 pub mod policy;
