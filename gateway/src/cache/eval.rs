@@ -30,15 +30,26 @@ pub struct Pair {
 #[derive(Debug)]
 pub enum EvalError {
     /// A file could not be read.
-    Read { path: String, detail: String },
+    Read {
+        path: String,
+        detail: String,
+    },
     /// A line of the pairs file is not a pair; `line` counts from 1.
-    BadLine { line: usize, detail: String },
+    BadLine {
+        line: usize,
+        detail: String,
+    },
     /// The pairs file holds no pair.
     NoPairs,
     /// The configuration does not load.
-    Config { source: String, detail: String },
+    Config {
+        source: String,
+        detail: String,
+    },
     /// The configuration has no semantic-cache-lookup policy to evaluate.
-    NoLookupPolicy { source: String },
+    NoLookupPolicy {
+        source: String,
+    },
     Embed(EmbedError),
 }
 
@@ -57,7 +68,9 @@ impl fmt::Display for EvalError {
         match self {
             Self::Read { path, detail } => write!(f, "cannot read {path}: {detail}"),
             Self::BadLine { line, detail } => write!(f, "line {line}: {detail}"),
-            Self::NoPairs => write!(f, "no pairs: expected JSON lines {{\"a\": ..., \"b\": ..., \"label\": \"same\"|\"different\"}}"),
+            Self::NoPairs => {
+                write!(f, "no pairs: expected JSON lines {{\"a\": ..., \"b\": ..., \"label\": \"same\"|\"different\"}}")
+            }
             Self::Config { source, detail } => write!(f, "{source}: {detail}"),
             Self::NoLookupPolicy { source } => write!(
                 f,
@@ -88,7 +101,8 @@ pub async fn run(
     let (config, source) = match config_path {
         Some(path) => {
             let source = path.display().to_string();
-            let config = Config::load(path, env).map_err(|e| EvalError::Config { source: source.clone(), detail: e.to_string() })?;
+            let config = Config::load(path, env)
+                .map_err(|e| EvalError::Config { source: source.clone(), detail: e.to_string() })?;
             (config, source)
         }
         None => {
@@ -313,6 +327,8 @@ pub fn evaluate(rule: HitRule, pairs: &[Pair], scores: &[f32]) -> Report {
     let guarded = HitRule { verify: true, ..rule };
     let mut report = Report { threshold: rule.threshold, verify_hits: rule.verify, ..Report::default() };
     let mut guard_total = Duration::ZERO;
+    // The guard's word lists are built on first use; that is start-up, not a decision.
+    let _ = super::guard::verify("", "");
     for (index, (pair, &score)) in pairs.iter().zip(scores).enumerate() {
         let without = plain.accepts(score, &pair.b, &pair.a).is_ok();
         let started = Instant::now();
@@ -321,7 +337,7 @@ pub fn evaluate(rule: HitRule, pairs: &[Pair], scores: &[f32]) -> Report {
         guard_total += took;
         report.guard_max = report.guard_max.max(took);
         let with = decision.is_ok();
-        let mut tally = |figures: &mut Figures| {
+        let tally = |figures: &mut Figures| {
             figures.without_guard.add(pair.same, without);
             figures.with_guard.add(pair.same, with);
         };
@@ -357,10 +373,7 @@ impl Report {
         object.insert("kinds".to_owned(), map(&self.kinds));
         object.insert("splits".to_owned(), map(&self.splits));
         object.insert("refusals".to_owned(), json!(self.refusals));
-        object.insert(
-            "guard_us".to_owned(),
-            json!({ "mean": micros(self.guard_mean), "max": micros(self.guard_max) }),
-        );
+        object.insert("guard_us".to_owned(), json!({ "mean": micros(self.guard_mean), "max": micros(self.guard_max) }));
         value
     }
 
@@ -408,7 +421,11 @@ impl Report {
             row(&format!("  {kind}"), figures);
         }
         let refusals: Vec<String> = self.refusals.iter().map(|(r, n)| format!("{r} {n}")).collect();
-        let _ = writeln!(out, "\nguard refusals: {}", if refusals.is_empty() { "none".to_owned() } else { refusals.join(", ") });
+        let _ = writeln!(
+            out,
+            "\nguard refusals: {}",
+            if refusals.is_empty() { "none".to_owned() } else { refusals.join(", ") }
+        );
         let _ = writeln!(
             out,
             "guard time per pair: mean {:.1} µs, max {:.1} µs",
@@ -438,4 +455,20 @@ fn micros(d: Duration) -> f64 {
 /// Four decimals: figures, not floating-point noise.
 fn round(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod dump_scores {
+    #[test]
+    #[ignore]
+    fn dump() {
+        let path = std::env::var("PAIRS").expect("PAIRS");
+        let pairs = super::read_pairs(std::path::Path::new(&path)).expect("pairs");
+        let model = crate::embed::LocalModel::shared(None).expect("model");
+        let texts = super::distinct_texts(&pairs);
+        let vectors = model.embed_batch(&texts).expect("embed");
+        let scores = super::pair_scores(&pairs, &texts, &vectors);
+        let out: Vec<String> = scores.iter().map(|s| s.to_string()).collect();
+        std::fs::write(std::env::var("OUT").expect("OUT"), out.join("\n")).expect("write");
+    }
 }

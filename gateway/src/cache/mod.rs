@@ -3,5 +3,5 @@
 //! `guard` decides whether a similar cached prompt really asks the same thing; `eval` measures
 //! the whole hit decision (embedding, threshold, guard) on labelled pairs for `aigw cache-eval`.
 
-// pub mod eval;
+pub mod eval;
 pub mod guard;
