@@ -29,6 +29,9 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// The Azure OpenAI API version of the gateway's own embeddings requests (the current GA version).
+const EMBEDDINGS_API_VERSION: &str = "2024-10-21";
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the client
 /// used to authenticate to the gateway.
 const NOT_FORWARDED: [HeaderName; 13] = [
@@ -139,6 +142,30 @@ impl Backend {
             self.client.request(ctx.request.method.clone(), self.url_for(ctx)).headers(headers).timeout(self.timeout);
         let request = if body.is_empty() { request } else { request.body(body) };
         request.send().await.map_err(|e| self.error(&e))
+    }
+
+    /// POSTs a JSON embeddings request made on the gateway's own behalf (no client request to forward), with the
+    /// backend's credential and timeout. `model` is an Azure deployment for the azure-openai kind.
+    pub async fn post_embeddings(&self, model: Option<&str>, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+        let url = match (self.kind, model) {
+            (BackendKind::AzureOpenai, Some(deployment)) => format!(
+                "{}/openai/deployments/{}/embeddings?api-version={EMBEDDINGS_API_VERSION}",
+                self.base,
+                encode_segment(deployment)
+            ),
+            (BackendKind::AzureOpenai, None) => format!("{}/openai/v1/embeddings", self.base),
+            (BackendKind::Openai, _) => format!("{}/embeddings", self.base),
+        };
+        let mut request = self
+            .client
+            .post(url)
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .timeout(self.timeout)
+            .body(body);
+        if let Some((name, value)) = &self.credential {
+            request = request.header(name.clone(), value.clone());
+        }
+        request.send().await
     }
 
     /// Maps a transport error to what the client sees; the details (which may name internal

