@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{aigw_bin, write_config};
+use common::{Sim, aigw_bin, write_config};
 use serde_json::Value;
 
 /// A configuration with one semantic-cache-lookup policy on its defaults (threshold 0.85, guard
@@ -75,6 +75,51 @@ fn the_guard_meets_the_targets_on_the_labelled_pairs() {
         assert!(report["splits"][split]["with_guard"]["false_hit_rate"].is_number(), "no {split} figures in {report}");
     }
     assert!(report["kinds"]["negation"]["without_guard"]["recall"].is_null(), "negation pairs are all look-alikes");
+}
+
+/// The embeddings backend path decides like the local model: llm-sim serves the same model's vectors.
+#[tokio::test]
+async fn a_backend_embeddings_source_decides_like_the_local_model() {
+    let model_dir = aigw::embed::LocalModel::locate(None).unwrap_or_else(|e| panic!("{e}"));
+    let model_dir = model_dir.to_str().expect("utf-8 model path");
+    let sim = Sim::start(&["--embedding-model", model_dir]).await;
+    sim.proc.wait_line("llm-sim's embeddings line", |l| l.starts_with("embeddings: ")).await;
+    let pairs = write_config(concat!(
+        r#"{"a": "How do I enable two-factor authentication?", "b": "How do I disable two-factor authentication?", "label": "different"}"#,
+        "\n",
+        r#"{"a": "In Python, how do I reverse a string?", "b": "How do I reverse a string in Python?", "label": "same"}"#,
+        "\n",
+        r#"{"a": "Convert Celsius to Fahrenheit", "b": "Convert Fahrenheit to Celsius", "label": "different"}"#,
+        "\n",
+        r#"{"a": "Hi! How do I exit vim? Thanks", "b": "How do I exit vim?", "label": "same"}"#,
+        "\n",
+    ));
+    let local = write_config(LOOKUP_CONFIG);
+    let backend = write_config(&LOOKUP_CONFIG.replace("http://127.0.0.1:9/v1", &format!("{}/v1", sim.url)).replace(
+        "{ policy = \"semantic-cache-lookup\" }",
+        "{ policy = \"semantic-cache-lookup\", embeddings = { source = \"backend\", backend-id = \"sim\", model = \"text-embedding-3-small\" } }",
+    ));
+    let run = |config: &PathBuf| {
+        let output = cache_eval(&[
+            "--pairs".as_ref(),
+            pairs.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        assert!(output.status.success(), "cache-eval failed: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).expect("--json prints one JSON object")
+    };
+    let (from_local, from_backend) = (run(&local), run(&backend));
+    for file in [&pairs, &local, &backend] {
+        let _ = std::fs::remove_file(file);
+    }
+    for rule in ["with_guard", "without_guard"] {
+        assert_eq!(from_backend[rule], from_local[rule], "{rule} differs between the sources");
+    }
+    assert_eq!(figure(&from_backend, &["without_guard", "false_hits"]), 2.0, "{from_backend}");
+    assert_eq!(figure(&from_backend, &["with_guard", "false_hits"]), 0.0, "{from_backend}");
+    assert_eq!(figure(&from_backend, &["with_guard", "true_hits"]), 2.0, "{from_backend}");
 }
 
 #[test]

@@ -5,16 +5,19 @@
 //! Pairs are JSON lines `{"a": ..., "b": ..., "label": "same"|"different"}` with optional `kind`
 //! and `split`; `a` plays the cached prompt and `b` the new query.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::guard::{HitRule, Miss};
+use crate::backend::Backend;
 use crate::config::{Config, EmbeddingsConfig, EnvLookup, PolicyConfig, SemanticCacheLookupConfig};
-use crate::embed::EmbedError;
+use crate::embed::{BackendEmbedder, EmbedError, Embedder, LocalModel};
 
 /// One labelled pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,24 +187,34 @@ pub async fn embed_all(
     env: EnvLookup<'_>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<f32>>, EvalError> {
-    // The local model reads a batch of this many texts at once: big enough to amortise the call,
-    // small enough that padding to the longest text stays cheap.
+    // The local model reads this many texts at once: enough to amortise a call, few enough that
+    // padding every text to the batch's longest stays cheap.
     const BATCH: usize = 32;
+    // Requests in flight to an embeddings backend.
+    const CONCURRENCY: usize = 8;
+    let mut vectors = Vec::with_capacity(texts.len());
     match &lookup.embeddings {
         EmbeddingsConfig::Local { model_path } => {
-            let model = crate::embed::LocalModel::shared(model_path.as_deref())?;
-            let mut vectors = Vec::with_capacity(texts.len());
+            let model = LocalModel::shared(model_path.as_deref())?;
             for chunk in texts.chunks(BATCH) {
                 vectors.extend(model.embed_batch(chunk)?);
                 progress(vectors.len(), texts.len());
             }
-            Ok(vectors)
         }
-        EmbeddingsConfig::Backend { .. } => {
-            let _ = (config, env);
-            Err(EvalError::Config { source: "embeddings".to_owned(), detail: "backend embeddings: not yet".to_owned() })
+        EmbeddingsConfig::Backend { backend_id, model } => {
+            let bad_config = |detail: String| EvalError::Config { source: format!("backend {backend_id:?}"), detail };
+            let backend_config =
+                config.backends.get(backend_id).ok_or_else(|| bad_config("no such backend".to_owned()))?;
+            let backend = Backend::from_config(backend_id, backend_config, env).map_err(bad_config)?;
+            let embedder = BackendEmbedder::new(Arc::new(backend), model.clone());
+            let mut answers = futures_util::stream::iter(texts).map(|text| embedder.embed(text)).buffered(CONCURRENCY);
+            while let Some(vector) = answers.next().await {
+                vectors.push(vector?);
+                progress(vectors.len(), texts.len());
+            }
         }
     }
+    Ok(vectors)
 }
 
 /// Cosine similarity of two L2-normalised vectors.
@@ -224,7 +237,7 @@ pub fn pair_scores(pairs: &[Pair], texts: &[&str], vectors: &[Vec<f32>]) -> Vec<
 
 /// Every distinct prompt of the pairs, in first-seen order: the texts to embed.
 pub fn distinct_texts(pairs: &[Pair]) -> Vec<&str> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     pairs.iter().flat_map(|p| [p.a.as_str(), p.b.as_str()]).filter(|t| seen.insert(*t)).collect()
 }
 
@@ -314,9 +327,9 @@ pub struct Report {
     pub splits: BTreeMap<String, Figures>,
     /// Why the guard refused the pairs that cosine similarity alone would have served.
     pub refusals: BTreeMap<&'static str, usize>,
-    /// Time of one guard decision, over every pair.
+    /// Time of one guard decision over every pair: mean and 99th percentile.
     pub guard_mean: Duration,
-    pub guard_max: Duration,
+    pub guard_p99: Duration,
     /// Pairs decided wrongly with the guard on: (pair index, score, why), for the human output.
     pub mistakes: Vec<(usize, f32, String)>,
 }
@@ -326,16 +339,14 @@ pub fn evaluate(rule: HitRule, pairs: &[Pair], scores: &[f32]) -> Report {
     let plain = HitRule { verify: false, ..rule };
     let guarded = HitRule { verify: true, ..rule };
     let mut report = Report { threshold: rule.threshold, verify_hits: rule.verify, ..Report::default() };
-    let mut guard_total = Duration::ZERO;
+    let mut guard_times = Vec::with_capacity(pairs.len());
     // The guard's word lists are built on first use; that is start-up, not a decision.
     let _ = super::guard::verify("", "");
     for (index, (pair, &score)) in pairs.iter().zip(scores).enumerate() {
         let without = plain.accepts(score, &pair.b, &pair.a).is_ok();
         let started = Instant::now();
         let decision = guarded.accepts(score, &pair.b, &pair.a);
-        let took = started.elapsed();
-        guard_total += took;
-        report.guard_max = report.guard_max.max(took);
+        guard_times.push(started.elapsed());
         let with = decision.is_ok();
         let tally = |figures: &mut Figures| {
             figures.without_guard.add(pair.same, without);
@@ -357,24 +368,31 @@ pub fn evaluate(rule: HitRule, pairs: &[Pair], scores: &[f32]) -> Report {
             report.mistakes.push((index, score, "served".to_owned()));
         }
     }
-    report.guard_mean = guard_total / u32::try_from(pairs.len().max(1)).unwrap_or(u32::MAX);
+    guard_times.sort_unstable();
+    let total: Duration = guard_times.iter().sum();
+    report.guard_mean = total / u32::try_from(guard_times.len().max(1)).unwrap_or(u32::MAX);
+    report.guard_p99 = guard_times.get(guard_times.len() * 99 / 100).copied().unwrap_or_default();
     report
 }
 
 impl Report {
     pub fn to_json(&self) -> Value {
-        let mut value = self.overall.to_json();
-        let object = value.as_object_mut().expect("Figures::to_json builds an object");
-        object.insert("threshold".to_owned(), json!(round(f64::from(self.threshold))));
-        object.insert("verify_hits".to_owned(), json!(self.verify_hits));
-        let map = |figures: &BTreeMap<String, Figures>| -> Value {
-            figures.iter().map(|(k, f)| (k.clone(), f.to_json())).collect::<serde_json::Map<_, _>>().into()
+        let map = |figures: &BTreeMap<String, Figures>| -> serde_json::Map<String, Value> {
+            figures.iter().map(|(k, f)| (k.clone(), f.to_json())).collect()
         };
-        object.insert("kinds".to_owned(), map(&self.kinds));
-        object.insert("splits".to_owned(), map(&self.splits));
-        object.insert("refusals".to_owned(), json!(self.refusals));
-        object.insert("guard_us".to_owned(), json!({ "mean": micros(self.guard_mean), "max": micros(self.guard_max) }));
-        value
+        let overall = &self.overall;
+        json!({
+            "threshold": round(f64::from(self.threshold)),
+            "verify_hits": self.verify_hits,
+            "pairs": overall.without_guard.same + overall.without_guard.different,
+            "with_guard": overall.with_guard.to_json(),
+            "without_guard": overall.without_guard.to_json(),
+            "retained": overall.retained(),
+            "kinds": map(&self.kinds),
+            "splits": map(&self.splits),
+            "refusals": self.refusals,
+            "guard_us": { "mean": micros(self.guard_mean), "p99": micros(self.guard_p99) },
+        })
     }
 
     /// A compact table: overall, per split, per kind.
@@ -428,9 +446,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "guard time per pair: mean {:.1} µs, max {:.1} µs",
+            "guard time per pair: mean {:.1} µs, p99 {:.1} µs",
             micros(self.guard_mean),
-            micros(self.guard_max)
+            micros(self.guard_p99)
         );
         if !self.mistakes.is_empty() {
             let _ = writeln!(out, "\nwrong with the guard (score, label, decision):");
@@ -458,17 +476,69 @@ fn round(x: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod dump_scores {
+mod tests {
+    use super::*;
+
+    fn pair(a: &str, b: &str, same: bool, kind: &str) -> Pair {
+        Pair { a: a.to_owned(), b: b.to_owned(), same, kind: Some(kind.to_owned()), split: None }
+    }
+
     #[test]
-    #[ignore]
-    fn dump() {
-        let path = std::env::var("PAIRS").expect("PAIRS");
-        let pairs = super::read_pairs(std::path::Path::new(&path)).expect("pairs");
-        let model = crate::embed::LocalModel::shared(None).expect("model");
-        let texts = super::distinct_texts(&pairs);
-        let vectors = model.embed_batch(&texts).expect("embed");
-        let scores = super::pair_scores(&pairs, &texts, &vectors);
-        let out: Vec<String> = scores.iter().map(|s| s.to_string()).collect();
-        std::fs::write(std::env::var("OUT").expect("OUT"), out.join("\n")).expect("write");
+    fn pairs_parse_with_optional_fields_and_ignore_others() {
+        let text = "{\"a\": \"x\", \"b\": \"y\", \"label\": \"same\", \"note\": 1}\n\n\
+                    {\"a\": \"p\", \"b\": \"q\", \"label\": \"different\", \"kind\": \"k\", \"split\": \"holdout\"}\n";
+        let pairs = parse_pairs(text).expect("valid pairs");
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[0], Pair { a: "x".into(), b: "y".into(), same: true, kind: None, split: None });
+        assert_eq!(pairs[1].kind.as_deref(), Some("k"));
+        assert_eq!(pairs[1].split.as_deref(), Some("holdout"));
+        let error = parse_pairs("{\"a\": \"x\", \"b\": \"y\", \"label\": \"same\"}\n[1]\n").expect_err("bad line 2");
+        assert_eq!(error.to_string(), "line 2: expected a JSON object");
+        assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn figures_count_hits_with_and_without_the_guard() {
+        let pairs = [
+            pair("How do I enable 2FA?", "How do I disable 2FA?", false, "antonym"),
+            pair("how do i exit vim", "How do I exit vim?", true, "typo"),
+            pair("Hi, how do I exit vim? Thanks!", "How do I exit vim?", true, "politeness"),
+            pair("What is 2+2?", "Capital of France?", false, "unrelated"),
+        ];
+        let scores = [0.95, 0.97, 0.80, 0.10];
+        let report = evaluate(HitRule { threshold: 0.85, verify: true }, &pairs, &scores);
+        let (plain, guarded) = (report.overall.without_guard, report.overall.with_guard);
+        assert_eq!((plain.true_hits, plain.false_hits, plain.same, plain.different), (1, 1, 2, 2));
+        assert_eq!((guarded.true_hits, guarded.false_hits), (1, 0));
+        assert_eq!(plain.precision(), Some(0.5));
+        assert_eq!(guarded.precision(), Some(1.0));
+        assert_eq!(plain.false_hit_rate(), Some(0.5));
+        assert_eq!(guarded.false_hit_rate(), Some(0.0));
+        assert_eq!(guarded.recall(), Some(0.5));
+        assert_eq!(report.overall.retained(), Some(1.0));
+        assert_eq!(report.refusals.get("antonym"), Some(&1));
+        assert_eq!(report.kinds["antonym"].with_guard.recall(), None, "no same pairs of that kind");
+        let json = report.to_json();
+        assert_eq!(json["with_guard"]["false_hit_rate"], 0.0);
+        assert_eq!(json["without_guard"]["precision"], 0.5);
+        assert_eq!(json["kinds"]["typo"]["with_guard"]["recall"], 1.0);
+        assert!(report.table(&pairs).contains("guard refusals: antonym 1"));
+    }
+
+    #[test]
+    fn the_lookup_policy_is_found_or_named_missing() {
+        let env = |_: &str| None;
+        let config = Config::parse(
+            "[backends.b]\nurl = \"http://127.0.0.1:9/v1\"\nkind = \"openai\"\n\
+             [apis.a]\nkind = \"openai\"\nbackend = \"b\"\nsubscription-required = false\n\
+             inbound = [{ policy = \"semantic-cache-lookup\", similarity-threshold = 0.9 }]\n",
+            &env,
+        )
+        .expect("valid config");
+        assert_eq!(lookup_policy(&config, "f.toml").expect("found").similarity_threshold, 0.9);
+        let mut without = config.clone();
+        without.apis.values_mut().for_each(|api| api.inbound.clear());
+        let error = lookup_policy(&without, "f.toml").expect_err("none");
+        assert!(error.to_string().starts_with("no semantic-cache-lookup policy in f.toml"), "{error}");
     }
 }

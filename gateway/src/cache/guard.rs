@@ -40,6 +40,9 @@ impl fmt::Display for Refusal {
 
 /// Why `query` must not be answered with the answer cached for `cached`, if it must not.
 pub fn verify(query: &str, cached: &str) -> Result<(), Refusal> {
+    if query == cached {
+        return Ok(());
+    }
     let mut q = tokenize(query);
     let mut c = tokenize(cached);
     correct_typos(&mut q, &mut c);
@@ -1062,13 +1065,16 @@ fn differences<'m, K: Ord, V>(
     (more(a, b), more(b, a))
 }
 
+/// "3 vs 4": what differs, the query's side first, a few words each at most.
 fn versus<T: fmt::Display>(mine: &[T], theirs: &[T]) -> String {
+    const WORDS: usize = 5;
     let side = |words: &[T]| {
         if words.is_empty() {
-            "nothing".to_owned()
-        } else {
-            words.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+            return "nothing".to_owned();
         }
+        let shown: Vec<String> = words.iter().take(WORDS).map(ToString::to_string).collect();
+        let more = if words.len() > WORDS { " …" } else { "" };
+        format!("{}{more}", shown.join(" "))
     };
     format!("{} vs {}", side(mine), side(theirs))
 }
@@ -1267,10 +1273,13 @@ const NUMBER_WORDS: &[(&str, u64)] = &[
 mod tests {
     use super::*;
 
-    fn refused(query: &str, cached: &str) -> &'static str {
-        match verify(query, cached) {
-            Err(refusal) => refusal.reason,
-            Ok(()) => panic!("expected a refusal: {query:?} / {cached:?}"),
+    /// Every pair must be refused for `reason`.
+    fn refuses(reason: &str, pairs: &[(&str, &str)]) {
+        for (query, cached) in pairs {
+            match verify(query, cached) {
+                Err(refusal) => assert_eq!(refusal.reason, reason, "{query:?} / {cached:?}: {refusal}"),
+                Ok(()) => panic!("expected a refusal ({reason}): {query:?} / {cached:?}"),
+            }
         }
     }
 
@@ -1282,65 +1291,94 @@ mod tests {
 
     #[test]
     fn numbers_decide() {
-        assert_eq!(refused("Is 23 a prime number?", "Is 27 a prime number?"), "number");
-        assert_eq!(refused("Split the bill between six people", "Split the bill between 8 people"), "number");
-        assert_eq!(refused("What is 12% of 250?", "What is 12% of 350?"), "number");
+        refuses(
+            "number",
+            &[
+                ("Is 23 a prime number?", "Is 27 a prime number?"),
+                ("Split the bill between six people", "Split the bill between 8 people"),
+                ("What is 12% of 250?", "What is 12% of 350?"),
+            ],
+        );
         passes("Show me five ways to save money", "Show me 5 ways to save money");
         passes("How many grams are in a kilogram?", "How many grams are in 1 kg?");
     }
 
     #[test]
     fn dates_and_times_decide() {
-        assert_eq!(refused("What happened on 9 November 1989?", "What happened on 9 November 1999?"), "date");
-        assert_eq!(refused("Is the gym open on Thursday?", "Is the gym open on Friday?"), "date");
-        assert_eq!(refused("Remind me at 6pm", "Remind me at 8pm"), "date");
-        assert_eq!(
-            refused("What were the best albums of this year?", "What were the best albums of last year?"),
-            "date"
+        refuses(
+            "date",
+            &[
+                ("What happened on 9 November 1989?", "What happened on 9 November 1999?"),
+                ("Is the gym open on Thursday?", "Is the gym open on Friday?"),
+                ("Remind me at 6pm", "Remind me at 8pm"),
+                ("What were the best albums of this year?", "What were the best albums of last year?"),
+            ],
         );
     }
 
     #[test]
     fn versions_decide() {
-        assert_eq!(refused("How do I install Go 1.21?", "How do I install Go 1.22?"), "version");
-        assert_eq!(refused("Which features arrived in ES2019?", "Which features arrived in ES2021?"), "version");
-        assert_eq!(refused("Is Debian 11 still supported?", "Is Debian 12 still supported?"), "version");
+        refuses(
+            "version",
+            &[
+                ("How do I install Go 1.21?", "How do I install Go 1.22?"),
+                ("Which features arrived in ES2019?", "Which features arrived in ES2021?"),
+                ("Is Debian 11 still supported?", "Is Debian 12 still supported?"),
+            ],
+        );
     }
 
     #[test]
     fn units_decide() {
-        assert_eq!(refused("How many cups is 500 ml?", "How many cups is 500 g?"), "unit");
-        assert_eq!(refused("Convert 5 km to miles", "Convert 5 km to meters"), "unit");
-        assert_eq!(refused("What is 20 dollars in yen?", "What is 20 euros in yen?"), "unit");
+        refuses(
+            "unit",
+            &[
+                ("How many cups is 500 ml?", "How many cups is 500 g?"),
+                ("Convert 5 km to miles", "Convert 5 km to meters"),
+                ("What is 20 dollars in yen?", "What is 20 euros in yen?"),
+            ],
+        );
         passes("How long do I steep black tea?", "How many minutes do I steep black tea?");
     }
 
     #[test]
     fn negation_decides() {
-        assert_eq!(refused("Why isn't my cron job running?", "Why is my cron job running?"), "negation");
-        assert_eq!(refused("Soups that freeze well without cream", "Soups that freeze well with cream"), "negation");
-        assert_eq!(refused("Which cheeses are not pasteurised?", "Which cheeses are pasteurised?"), "negation");
+        refuses(
+            "negation",
+            &[
+                ("Why isn't my cron job running?", "Why is my cron job running?"),
+                ("Soups that freeze well without cream", "Soups that freeze well with cream"),
+                ("Which cheeses are not pasteurised?", "Which cheeses are pasteurised?"),
+            ],
+        );
         passes("how do I boil rice wihtout a lid", "How do I boil rice without a lid?");
         passes("How do I cook rice if I don't have a rice cooker?", "How do I cook rice without a rice cooker?");
     }
 
     #[test]
     fn opposites_decide() {
-        assert_eq!(refused("How do I enable SSH password login?", "How do I disable SSH password login?"), "antonym");
-        assert_eq!(refused("How do I unarchive an email in Gmail?", "How do I archive an email in Gmail?"), "antonym");
-        assert_eq!(refused("Which spices lower cholesterol?", "Which spices raise cholesterol?"), "antonym");
-        assert_eq!(refused("Sort invoices by amount, ascending", "Sort invoices by amount, descending"), "antonym");
-        assert_eq!(refused("How do I zoom in on a map?", "How do I zoom out on a map?"), "antonym");
+        refuses(
+            "antonym",
+            &[
+                ("How do I enable SSH password login?", "How do I disable SSH password login?"),
+                ("How do I unarchive an email in Gmail?", "How do I archive an email in Gmail?"),
+                ("Which spices lower cholesterol?", "Which spices raise cholesterol?"),
+                ("Sort invoices by amount, ascending", "Sort invoices by amount, descending"),
+                ("How do I zoom in on a map?", "How do I zoom out on a map?"),
+            ],
+        );
         passes("How do I turn on the flashlight on Android?", "How do I enable the flashlight on Android?");
     }
 
     #[test]
     fn direction_decides() {
-        assert_eq!(refused("Convert pounds to kilograms", "Convert kilograms to pounds"), "direction");
-        assert_eq!(refused("Is tea healthier than coffee?", "Is coffee healthier than tea?"), "direction");
-        assert_eq!(
-            refused("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
-            "direction"
+        refuses(
+            "direction",
+            &[
+                ("Convert pounds to kilograms", "Convert kilograms to pounds"),
+                ("Is tea healthier than coffee?", "Is coffee healthier than tea?"),
+                ("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
+            ],
         );
         passes(
             "What is the difference between git fetch and git pull?",
@@ -1350,34 +1388,51 @@ mod tests {
 
     #[test]
     fn languages_decide() {
-        assert_eq!(refused("How do I read a file in Kotlin?", "How do I read a file in Scala?"), "language");
-        assert_eq!(refused("How do I sort a slice in Go?", "How do I sort a slice in Rust?"), "language");
-        assert_eq!(refused("How do I sort a slice in go", "How do I sort a slice"), "language");
-        assert_eq!(refused("Translate 'cheers' into Dutch", "Translate 'cheers' into Swedish"), "language");
+        refuses(
+            "language",
+            &[
+                ("How do I read a file in Kotlin?", "How do I read a file in Scala?"),
+                ("How do I sort a slice in Go?", "How do I sort a slice in Rust?"),
+                ("How do I sort a slice in go", "How do I sort a slice"),
+                ("Translate 'cheers' into Dutch", "Translate 'cheers' into Swedish"),
+            ],
+        );
         passes("Let's go to the beach: what should I pack?", "What should I pack for the beach?");
     }
 
     #[test]
     fn code_identifiers_decide() {
-        assert_eq!(refused("What does `Vec::with_capacity` do?", "What does `Vec::reserve` do?"), "code");
-        assert_eq!(refused("What does os.path.join do?", "What does os.path.split do?"), "code");
-        assert_eq!(refused("Why does parse_args() fail?", "Why does parse_env() fail?"), "code");
+        refuses(
+            "code",
+            &[
+                ("What does `Vec::with_capacity` do?", "What does `Vec::reserve` do?"),
+                ("What does os.path.join do?", "What does os.path.split do?"),
+                ("Why does parse_args() fail?", "Why does parse_env() fail?"),
+            ],
+        );
     }
 
     #[test]
     fn names_and_swapped_terms_decide() {
-        assert_eq!(
-            refused("What's the weather like in Lisbon in spring?", "What's the weather like in Porto in spring?"),
-            "entity"
+        refuses(
+            "entity",
+            &[
+                ("What's the weather like in Lisbon in spring?", "What's the weather like in Porto in spring?"),
+                ("How do I install helm on a server?", "How do I install kubectl on a server?"),
+            ],
         );
-        assert_eq!(refused("How do I install helm on a server?", "How do I install kubectl on a server?"), "entity");
-        assert_eq!(refused("How much fibre is in lentils?", "How much fibre is in oats?"), "term");
+        refuses("term", &[("How much fibre is in lentils?", "How much fibre is in oats?")]);
     }
 
     #[test]
     fn added_constraints_decide() {
-        assert_eq!(refused("How do I flatten a nested list?", "How do I flatten a nested list lazily?"), "constraint");
-        assert_eq!(refused("Give me a curry recipe", "Give me a vegetarian curry recipe"), "constraint");
+        refuses(
+            "constraint",
+            &[
+                ("How do I flatten a nested list?", "How do I flatten a nested list lazily?"),
+                ("Give me a curry recipe", "Give me a vegetarian curry recipe"),
+            ],
+        );
     }
 
     #[test]
@@ -1449,8 +1504,11 @@ mod tests {
     #[test]
     fn long_prompts_are_compared_in_full() {
         let body = "Please review this paragraph about our deployment process and suggest improvements. ".repeat(100);
-        passes(&format!("{body} Keep it short."), &format!("{body} Keep it short."));
-        assert_eq!(refused(&format!("{body} Use 3 bullet points."), &format!("{body} Use 5 bullet points.")), "number");
+        passes(&format!("{body} Keep it short."), &format!("{body} keep it short"));
+        refuses("number", &[(&format!("{body} Use 3 bullet points."), &format!("{body} Use 5 bullet points."))]);
+        let many: String = (0..500).map(|i| format!("word{i} ")).collect();
+        let detail = verify(&many, "something else entirely").map_err(|r| r.detail).expect_err("refused");
+        assert!(detail.len() < 100, "a refusal's detail stays short: {detail}");
     }
 
     #[test]
@@ -1468,95 +1526,5 @@ mod tests {
         assert_eq!(HitRule::from_config(&config), HitRule { threshold: 0.9, verify: false });
         let defaults: crate::config::SemanticCacheLookupConfig = toml::from_str("").expect("valid lookup config");
         assert_eq!(HitRule::from_config(&defaults), HitRule { threshold: 0.85, verify: true });
-    }
-}
-
-#[cfg(test)]
-mod dev_harness {
-    #[test]
-    #[ignore]
-    fn dev_split() {
-        let split = std::env::var("SPLIT").unwrap_or_else(|_| "dev".into());
-        let pairs = std::env::var("PAIRS")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../loadtest/cache-eval.jsonl").into());
-        let scores = std::env::var("SCORES").unwrap_or_else(|_| "/tmp/scores.txt".into());
-        let text = std::fs::read_to_string(pairs).expect("pairs");
-        let scores: Vec<f32> =
-            std::fs::read_to_string(scores).expect("scores").lines().map(|l| l.parse().expect("f32")).collect();
-        let all = std::env::var("ALL").is_ok();
-        let mut stats: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-        for (line, score) in text.lines().zip(scores) {
-            let v: serde_json::Value = serde_json::from_str(line).expect("json");
-            if v["split"] != split.as_str() || (score < 0.85 && !all) {
-                continue;
-            }
-            let (a, b, label, kind) = (
-                v["a"].as_str().expect("a"),
-                v["b"].as_str().expect("b"),
-                v["label"].as_str().expect("l"),
-                v["kind"].as_str().expect("k"),
-            );
-            let r = super::verify(b, a);
-            let e = stats.entry(format!("{label}/{kind}")).or_default();
-            e.1 += 1;
-            let wrong = if label == "same" { r.is_err() } else { r.is_ok() };
-            if wrong {
-                e.0 += 1;
-                println!(
-                    "WRONG {score:.3} {label}/{kind}: {a} || {b} => {:?}",
-                    r.as_ref().err().map(|r| r.to_string())
-                );
-            } else if std::env::var("REASONS").is_ok() {
-                println!("ok {score:.3} {label}/{kind}: {a} || {b} => {:?}", r.as_ref().err().map(|r| r.to_string()));
-            }
-        }
-        let (mut sw, mut sn, mut dw, mut dn) = (0, 0, 0, 0);
-        for (k, (w, n)) in &stats {
-            println!("{k}: wrong {w}/{n}");
-            if k.starts_with("same") {
-                sw += w;
-                sn += n
-            } else {
-                dw += w;
-                dn += n
-            }
-        }
-        println!(
-            "SAME refused {sw}/{sn} (retained {:.1}%), DIFFERENT served {dw}/{dn}",
-            100.0 * (sn - sw) as f64 / sn as f64
-        );
-    }
-}
-
-#[cfg(test)]
-mod bench_tmp {
-    #[test]
-    #[ignore]
-    fn thirty_words() {
-        let pairs = [
-            (
-                "Hi, could you please explain how I can configure nginx as a reverse proxy for two Node.js apps running on ports 3000 and 3001, with HTTPS and HTTP/2 enabled on Ubuntu 22.04?",
-                "hey, how do i configure nginx as a reverse proxy for 2 node apps running on ports 3000 and 3001 with https and http/2 turned on, on ubuntu 22.04? thanks a lot",
-            ),
-            (
-                "Write a Python function that reads a large CSV file line by line, skips rows where the email column is empty, and writes the remaining rows to a new file in descending order of date",
-                "Write a Python function that reads a large CSV file line by line, skips rows where the email column is not empty, and writes the remaining rows to a new file in ascending order of date",
-            ),
-        ];
-        for (a, b) in pairs {
-            let _ = super::verify(a, b);
-            let n = 20_000u32;
-            let start = std::time::Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(super::verify(std::hint::black_box(a), std::hint::black_box(b))).ok();
-            }
-            println!(
-                "{} + {} words: {:.1} µs per verify ({:?})",
-                a.split_whitespace().count(),
-                b.split_whitespace().count(),
-                start.elapsed().as_secs_f64() * 1e6 / f64::from(n),
-                super::verify(a, b)
-            );
-        }
     }
 }
