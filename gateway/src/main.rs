@@ -1,5 +1,6 @@
-//! `aigw`: run the gateway (`serve`), try it on one command (`quickstart`), or validate a
-//! configuration document (`check-config`).
+//! `aigw`: run the gateway (`serve`), try it on one command (`quickstart`), validate a
+//! configuration document (`check-config`), or measure the semantic cache's hit decision on
+//! labelled prompt pairs (`cache-eval`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,12 +48,27 @@ enum Command {
     },
     /// Validate a configuration document; exits non-zero with the path of the first bad field.
     CheckConfig { file: PathBuf },
+    /// Run the semantic cache's hit decision (embedding, threshold, guard) on labelled prompt
+    /// pairs and report precision, recall and false-hit rate with and without the guard.
+    CacheEval {
+        /// JSON lines: {"a": ..., "b": ..., "label": "same"|"different", "kind": ..., "split": ...}.
+        #[arg(long)]
+        pairs: PathBuf,
+        /// The configuration whose first semantic-cache-lookup policy is evaluated (default: the quickstart's).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the figures as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::CheckConfig { file } = &cli.command {
-        return check_config(file);
+    match &cli.command {
+        Command::CheckConfig { file } => return check_config(file),
+        Command::CacheEval { pairs, config, json } => return cache_eval(pairs, config.as_deref(), *json),
+        _ => {}
     }
     init_logs();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -81,6 +97,44 @@ fn check_config(file: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("{}: {e}", file.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints the figures on stdout (nothing else goes there, so `--json` output parses), progress and
+/// errors on stderr.
+fn cache_eval(pairs: &Path, config: Option<&Path>, json: bool) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("aigw: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if terminal {
+            eprint!("\rembedding prompts: {done}/{total}");
+            let _ = std::io::stderr().flush();
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    match runtime.block_on(aigw::cache::eval::run(pairs, config, &env, &mut progress)) {
+        Ok((report, pairs)) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.table(&pairs));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aigw cache-eval: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -140,7 +194,7 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
+        Command::CheckConfig { .. } | Command::CacheEval { .. } => unreachable!("handled before the runtime starts"),
     };
 
     let listen = config.server.listen;

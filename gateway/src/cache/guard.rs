@@ -17,6 +17,7 @@ mod words;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::LazyLock;
 
 use crate::config::SemanticCacheLookupConfig;
@@ -39,6 +40,9 @@ impl fmt::Display for Refusal {
 
 /// Why `query` must not be answered with the answer cached for `cached`, if it must not.
 pub fn verify(query: &str, cached: &str) -> Result<(), Refusal> {
+    if query == cached {
+        return Ok(());
+    }
     let mut q = tokenize(query);
     let mut c = tokenize(cached);
     correct_typos(&mut q, &mut c);
@@ -82,7 +86,7 @@ impl HitRule {
 // ---------------------------------------------------------------------------------------------
 // Tokens
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Token {
     /// Lowercase, canonical (aliases and phrases applied).
     text: String,
@@ -93,17 +97,34 @@ struct Token {
     code: bool,
     /// A clause boundary (. , ; : ! ? and the like) comes right before this token.
     boundary: bool,
+    /// What the guard knows about `text`, and about `stem`: looked up once, here.
+    word: Word,
+    meaning: Option<&'static Meaning>,
 }
 
 impl Token {
     fn new(text: String, named: bool, code: bool, boundary: bool) -> Self {
-        let stem = stem(&text);
-        Self { text, stem, named, code, boundary }
+        let mut token = Self { named, code, boundary, ..Self::default() };
+        token.set_text(text);
+        token
     }
 
     fn set_text(&mut self, text: String) {
-        self.stem = if LEXICON.proper(&text) { text.clone() } else { stem(&text) };
+        let lexicon: &'static Lexicon = &LEXICON;
+        self.word = lexicon.word(&text);
+        // Names, languages and units are compared as written: "https" is not the plural of "http".
+        self.stem = if self.word.is_proper() { text.clone() } else { stem(&text) };
+        self.meaning = lexicon.meanings.get(&self.stem);
         self.text = text;
+    }
+
+    fn is_filler(&self) -> bool {
+        self.meaning.is_some_and(|m| m.filler)
+    }
+
+    /// A word with a meaning of its own to the guard, never "corrected" into another one.
+    fn is_known(&self) -> bool {
+        self.word.flags != 0 || self.word.unit.is_some() || self.meaning.is_some_and(|m| !m.opposites.is_empty())
     }
 
     fn is_number(&self) -> bool {
@@ -131,23 +152,17 @@ fn tokenize(text: &str) -> Vec<Token> {
     let lexicon = &*LEXICON;
     for mut raw in raws {
         let lower = raw.text.to_lowercase();
-        raw.code &= !lexicon.names.contains(lower.as_str());
+        raw.code &= !lexicon.word(&lower).has(NAME);
         let named = !raw.code && is_named(&raw, title_case);
-        let mut boundary = raw.boundary;
-        for part in expand_contraction(&lower) {
-            tokens.push(Token::new(part, named, raw.code, boundary));
-            boundary = false;
+        let (first, second) = expand_contraction(lower);
+        tokens.push(Token::new(first, named, raw.code, raw.boundary));
+        if let Some(second) = second {
+            tokens.push(Token::new(second, named, raw.code, false));
         }
     }
     let tokens = rewrite_phrases(tokens);
     let tokens = apply_aliases(tokens);
-    let mut tokens = read_numbers(tokens);
-    for token in &mut tokens {
-        if lexicon.proper(&token.text) {
-            token.stem.clone_from(&token.text); // "https" is not the plural of "http"
-        }
-    }
-    tokens
+    read_numbers(tokens)
 }
 
 /// Splits text into word, number and symbol tokens, keeping code-like and version-like
@@ -295,17 +310,25 @@ fn is_title_case(raws: &[Raw]) -> bool {
 }
 
 fn is_named(raw: &Raw, title_case: bool) -> bool {
-    let letters: Vec<char> = raw.text.chars().filter(|c| c.is_alphabetic()).collect();
-    let Some(first) = letters.first() else { return false };
-    let upper = letters.iter().filter(|c| c.is_uppercase()).count();
-    let acronym = letters.len() >= 2 && upper == letters.len();
-    let mixed = letters.iter().skip(1).any(|c| c.is_uppercase()) && letters.iter().any(|c| c.is_lowercase());
+    let mut letters = raw.text.chars().filter(|c| c.is_alphabetic());
+    let Some(first) = letters.next() else { return false };
+    let (mut count, mut upper, mut lower, mut upper_after_first) = (1, 0, 0, false);
+    for c in letters {
+        count += 1;
+        upper += usize::from(c.is_uppercase());
+        lower += usize::from(c.is_lowercase());
+        upper_after_first |= c.is_uppercase();
+    }
+    let acronym = count >= 2 && upper + usize::from(first.is_uppercase()) == count;
+    let mixed = upper_after_first && (lower > 0 || first.is_lowercase());
     let capitalised = first.is_uppercase() && !raw.sentence_start && !title_case && raw.text != "I";
     acronym || mixed || capitalised
 }
 
-fn expand_contraction(word: &str) -> Vec<String> {
-    let word = word.replace('’', "'");
+/// "don't" → "do" "not", "what's" → "what", "dont" → "do" "not".
+fn expand_contraction(word: String) -> (String, Option<String>) {
+    let not = || Some("not".to_owned());
+    let word = if word.contains('’') { word.replace('’', "'") } else { word };
     if let Some(base) = word.strip_suffix("n't") {
         let base = match base {
             "ca" => "can",
@@ -314,12 +337,12 @@ fn expand_contraction(word: &str) -> Vec<String> {
             "ai" => "is",
             other => other,
         };
-        return vec![base.to_owned(), "not".to_owned()];
+        return (base.to_owned(), not());
     }
     if let Some((base, suffix)) = word.split_once('\'') {
         return match suffix {
-            "s" | "re" | "ll" | "ve" | "m" | "d" => vec![base.to_owned()],
-            _ => vec![format!("{base}{suffix}")],
+            "s" | "re" | "ll" | "ve" | "m" | "d" => (base.to_owned(), None),
+            _ => (format!("{base}{suffix}"), None),
         };
     }
     let unapostrophed = match word.as_str() {
@@ -340,22 +363,22 @@ fn expand_contraction(word: &str) -> Vec<String> {
         _ => None,
     };
     match unapostrophed {
-        Some(base) => vec![base.to_owned(), "not".to_owned()],
-        None => vec![word],
+        Some(base) => (base.to_owned(), not()),
+        None => (word, None),
     }
 }
 
-fn rewrite_phrases(tokens: Vec<Token>) -> Vec<Token> {
-    let lexicon = &*LEXICON;
+/// Phrases match on stems, so "turned on" and "turning off" read as "enable" and "disable".
+fn rewrite_phrases(mut tokens: Vec<Token>) -> Vec<Token> {
     let mut out = Vec::with_capacity(tokens.len());
     // the boundary a dropped phrase stood on passes to the next token
     let mut pending_boundary = false;
     let mut i = 0;
     'tokens: while i < tokens.len() {
-        if let Some(phrases) = lexicon.phrases.get(tokens[i].text.as_str()) {
-            for (words, replacement) in phrases {
+        if let Some(meaning) = tokens[i].meaning {
+            for (words, replacement) in &meaning.phrases {
                 let fits = words.len() <= tokens.len() - i
-                    && words.iter().zip(&tokens[i..]).all(|(w, t)| *w == t.text && !t.code);
+                    && words.iter().zip(&tokens[i..]).all(|(w, t)| *w == t.stem && !t.code);
                 if fits {
                     if replacement.is_empty() {
                         pending_boundary |= tokens[i].boundary;
@@ -369,7 +392,7 @@ fn rewrite_phrases(tokens: Vec<Token>) -> Vec<Token> {
                 }
             }
         }
-        let mut token = tokens[i].clone();
+        let mut token = std::mem::take(&mut tokens[i]);
         token.boundary |= std::mem::take(&mut pending_boundary);
         out.push(token);
         i += 1;
@@ -378,10 +401,9 @@ fn rewrite_phrases(tokens: Vec<Token>) -> Vec<Token> {
 }
 
 fn apply_aliases(tokens: Vec<Token>) -> Vec<Token> {
-    let lexicon = &*LEXICON;
     let mut out = Vec::with_capacity(tokens.len());
     for token in tokens {
-        match lexicon.aliases.get(token.text.as_str()) {
+        match token.word.alias {
             Some(expansion) => {
                 let mut boundary = token.boundary;
                 for word in expansion.split(' ') {
@@ -398,8 +420,7 @@ fn apply_aliases(tokens: Vec<Token>) -> Vec<Token> {
 /// Number words become digits ("twenty five" → 25), thousands separators go, a number fused to
 /// its unit is split ("512Mi" → 512 Mi, "5kg" → 5 kg), and a multiplier word scales the number
 /// before it ("2 million").
-fn read_numbers(tokens: Vec<Token>) -> Vec<Token> {
-    let lexicon = &*LEXICON;
+fn read_numbers(mut tokens: Vec<Token>) -> Vec<Token> {
     let mut out: Vec<Token> = Vec::with_capacity(tokens.len());
     let mut i = 0;
     while i < tokens.len() {
@@ -408,16 +429,16 @@ fn read_numbers(tokens: Vec<Token>) -> Vec<Token> {
             && let Some(prev) = out.last_mut()
             && let Ok(n) = prev.text.parse::<u64>()
         {
-            let scale = lexicon.number_words.get(token.text.as_str()).copied().unwrap_or(1);
+            let scale = token.word.number.unwrap_or(1);
             let text = n.saturating_mul(scale).to_string();
             prev.set_text(text);
             i += 1;
             continue;
         }
-        if lexicon.number_words.contains_key(token.text.as_str()) {
+        if token.word.number.is_some() {
             let (mut total, mut current) = (0u64, 0u64);
             let mut j = i;
-            while let Some(v) = tokens.get(j).and_then(|t| lexicon.number_words.get(t.text.as_str()).copied()) {
+            while let Some(v) = tokens.get(j).and_then(|t| t.word.number) {
                 match v {
                     100 => current = current.max(1).saturating_mul(100),
                     1_000 | 1_000_000 | 1_000_000_000 => {
@@ -440,16 +461,19 @@ fn read_numbers(tokens: Vec<Token>) -> Vec<Token> {
             let (number, suffix) = text.split_at(digits_end);
             let number = number.replace(',', "");
             let is_ordinal = matches!(suffix, "st" | "nd" | "rd" | "th");
-            if !suffix.is_empty() && !is_ordinal && lexicon.units.contains_key(suffix) {
+            if !suffix.is_empty() && !is_ordinal && LEXICON.word(suffix).unit.is_some() {
                 out.push(Token::new(number, false, false, token.boundary));
                 out.push(Token::new(suffix.to_owned(), token.named, false, false));
-            } else {
-                out.push(Token::new(format!("{number}{suffix}"), token.named, false, token.boundary));
+                i += 1;
+                continue;
             }
-            i += 1;
-            continue;
+            if number.len() != digits_end {
+                out.push(Token::new(format!("{number}{suffix}"), token.named, false, token.boundary));
+                i += 1;
+                continue;
+            }
         }
-        out.push(token.clone());
+        out.push(std::mem::take(&mut tokens[i]));
         i += 1;
     }
     out
@@ -499,39 +523,44 @@ fn stem(word: &str) -> String {
 fn correct_typos(a: &mut [Token], b: &mut [Token]) {
     // Bounded work: long prompts that differ in many words are refused by the word comparison anyway.
     const MAX_PAIRS: usize = 20_000;
-    let lexicon = &*LEXICON;
-    let a_words: HashSet<String> = a.iter().map(|t| t.text.clone()).collect();
-    let b_words: HashSet<String> = b.iter().map(|t| t.text.clone()).collect();
-    let candidates = |side: &[Token], other: &HashSet<String>| -> Vec<usize> {
-        let eligible = |t: &Token| t.text.chars().count() >= 5 && t.text.chars().all(char::is_alphabetic);
-        (0..side.len()).filter(|&i| eligible(&side[i]) && !other.contains(&side[i].text)).collect()
+    // The words of `side` missing from `other`, long enough to carry a typo, as characters.
+    let candidates = |side: &[Token], other: &[Token]| -> Vec<(usize, Vec<char>)> {
+        let other = sorted(other.iter().map(|t| t.text.as_str()));
+        let eligible = |t: &Token| t.text.len() >= 5 && t.text.chars().all(char::is_alphabetic);
+        side.iter()
+            .enumerate()
+            .filter(|(_, t)| eligible(t) && other.binary_search(&t.text.as_str()).is_err())
+            .map(|(i, t)| (i, t.text.chars().collect()))
+            .collect()
     };
-    let a_only = candidates(a, &b_words);
-    let b_only = candidates(b, &a_words);
+    let a_only = candidates(a, b);
+    let b_only = candidates(b, a);
     if a_only.len() * b_only.len() > MAX_PAIRS {
         return;
     }
-    for &i in &a_only {
-        let word: Vec<char> = a[i].text.chars().collect();
+    for (i, word) in &a_only {
         let best = b_only
             .iter()
-            .copied()
-            .filter(|&j| {
-                let other: Vec<char> = b[j].text.chars().collect();
-                let known = lexicon.known(&a[i].text) && lexicon.known(&b[j].text);
-                !known && other[0] == word[0] && within_typo_distance(&word, &other)
+            .filter(|(j, other)| {
+                other[0] == word[0] && within_typo_distance(word, other) && !(a[*i].is_known() && b[*j].is_known())
             })
-            .min_by_key(|&j| osa_distance(&word, &b[j].text.chars().collect::<Vec<_>>()));
-        if let Some(j) = best {
-            if lexicon.known(&a[i].text) {
-                let text = a[i].text.clone();
-                b[j].set_text(text);
+            .min_by_key(|(_, other)| osa_distance(word, other));
+        if let Some((j, _)) = best {
+            if a[*i].is_known() {
+                b[*j].set_text(a[*i].text.clone());
             } else {
-                let text = b[j].text.clone();
-                a[i].set_text(text);
+                a[*i].set_text(b[*j].text.clone());
             }
         }
     }
+}
+
+/// Sorted and deduplicated, for binary search: prompts are short, and this hashes nothing.
+fn sorted<'t>(words: impl Iterator<Item = &'t str>) -> Vec<&'t str> {
+    let mut words: Vec<&str> = words.collect();
+    words.sort_unstable();
+    words.dedup();
+    words
 }
 
 fn within_typo_distance(a: &[char], b: &[char]) -> bool {
@@ -588,7 +617,6 @@ struct Prompt {
 
 impl Prompt {
     fn new(tokens: Vec<Token>) -> Self {
-        let lexicon = &*LEXICON;
         let mut prompt = Self {
             tokens,
             numbers: BTreeMap::new(),
@@ -614,7 +642,7 @@ impl Prompt {
             } else if let Some(unit) = unit_of(token, prev, next) {
                 let attached = prev_is_number || next.is_some_and(Token::is_number);
                 prompt.units.push((unit, attached));
-            } else if lexicon.negations.contains(token.text.as_str()) {
+            } else if token.word.has(NEGATION) {
                 prompt.negations += 1;
             } else if let Some(language) = language_of(token, prev, next) {
                 prompt.languages.insert(language);
@@ -624,7 +652,7 @@ impl Prompt {
                 // es2020, ipv6, v2: an identifier with a version in it
                 let entry = prompt.numbers.entry(token.text.clone()).or_insert((0, NumberKind::Version));
                 entry.0 += 1;
-            } else if token.is_word() && !lexicon.filler.contains(&token.stem) {
+            } else if token.is_word() && !token.is_filler() {
                 prompt.content.push(i);
             }
         }
@@ -639,11 +667,20 @@ impl Prompt {
             let detail = format!("{} vs {} negations", self.negations, other.negations);
             return Err(Refusal { reason: "negation", detail });
         }
-        self.compare_poles(other)?;
+        let (my_stems, their_stems) = (self.stems(), other.stems());
+        self.compare_poles(&my_stems, &their_stems)?;
         compare_sets("language", &self.languages, &other.languages)?;
         compare_sets("code", &self.code, &other.code)?;
         self.compare_direction(other)?;
-        self.compare_words(other)
+        self.compare_words(other, &my_stems, &their_stems)
+    }
+
+    /// Every stem of the prompt, sorted for binary search.
+    fn stems(&self) -> Vec<&str> {
+        let mut stems: Vec<&str> = self.tokens.iter().map(|t| t.stem.as_str()).collect();
+        stems.sort_unstable();
+        stems.dedup();
+        stems
     }
 
     fn compare_numbers(&self, other: &Self) -> Result<(), Refusal> {
@@ -692,7 +729,7 @@ impl Prompt {
         let decisive = (!self.units.is_empty() && !other.units.is_empty())
             || attached(&self.units, &only_mine)
             || attached(&other.units, &only_theirs)
-            || only_mine.iter().chain(&only_theirs).any(|u| !LEXICON.time_units.contains(**u));
+            || only_mine.iter().chain(&only_theirs).any(|u| !is_time_unit(u));
         if decisive {
             return Err(Refusal { reason: "unit", detail: versus(&only_mine, &only_theirs) });
         }
@@ -701,26 +738,27 @@ impl Prompt {
 
     /// Opposite words (enable/disable), and a word against its negated form (mute/unmute,
     /// legal/illegal).
-    fn compare_poles(&self, other: &Self) -> Result<(), Refusal> {
-        let lexicon = &*LEXICON;
-        let mine: HashSet<&str> = self.tokens.iter().map(|t| t.stem.as_str()).collect();
-        let theirs: HashSet<&str> = other.tokens.iter().map(|t| t.stem.as_str()).collect();
-        for &word in &mine {
-            if theirs.contains(word) {
-                continue;
-            }
-            for opposite in lexicon.opposites.get(word).into_iter().flatten() {
-                if theirs.contains(opposite.as_str()) && !mine.contains(opposite.as_str()) {
+    fn compare_poles(&self, mine: &[&str], theirs: &[&str]) -> Result<(), Refusal> {
+        let has = |words: &[&str], word: &str| words.binary_search(&word).is_ok();
+        for token in &self.tokens {
+            let opposites = token.meaning.map_or(&[][..], |m| &m.opposites[..]);
+            let word = token.stem.as_str();
+            for opposite in opposites {
+                if !has(theirs, word) && has(theirs, opposite) && !has(mine, opposite) {
                     return Err(Refusal { reason: "antonym", detail: format!("{word} vs {opposite}") });
                 }
             }
-            for &their_word in &theirs {
-                if mine.contains(their_word) {
+        }
+        for &word in mine {
+            if has(theirs, word) {
+                continue;
+            }
+            for &their_word in theirs {
+                let (long, short) = if word.len() > their_word.len() { (word, their_word) } else { (their_word, word) };
+                if short.len() < 4 || !(2..=4).contains(&(long.len() - short.len())) || has(mine, their_word) {
                     continue;
                 }
-                let (long, short) = if word.len() > their_word.len() { (word, their_word) } else { (their_word, word) };
-                let negated = short.len() >= 4
-                    && NEGATING_PREFIXES.iter().any(|p| long.strip_prefix(p).is_some_and(|rest| rest == short));
+                let negated = NEGATING_PREFIXES.iter().any(|p| long.strip_prefix(p).is_some_and(|rest| rest == short));
                 if negated {
                     return Err(Refusal { reason: "antonym", detail: format!("{word} vs {their_word}") });
                 }
@@ -734,9 +772,8 @@ impl Prompt {
         let mine = self.directed_pairs();
         let theirs = other.directed_pairs();
         for (from, to) in &mine {
-            let reversed = (to.clone(), from.clone());
-            if theirs.contains(&reversed) && !theirs.contains(&(from.clone(), to.clone())) && !mine.contains(&reversed)
-            {
+            let reversed = (*to, *from);
+            if theirs.contains(&reversed) && !theirs.contains(&(*from, *to)) && !mine.contains(&reversed) {
                 return Err(Refusal { reason: "direction", detail: format!("{from}→{to} vs {to}→{from}") });
             }
         }
@@ -745,13 +782,12 @@ impl Prompt {
 
     /// Pairs (a, b) of meaningful words with a directional connector between them: a to b, a into
     /// b, a than b, a of b. Up to three words on each side, within the clause.
-    fn directed_pairs(&self) -> HashSet<(String, String)> {
+    fn directed_pairs(&self) -> HashSet<(&str, &str)> {
         const REACH: usize = 3;
         // "capital of France": "of" binds its nearest words only
         let reach = |t: &Token| if t.text == "of" { 1 } else { REACH };
-        let lexicon = &*LEXICON;
         let is_connector = |t: &Token| matches!(t.text.as_str(), "to" | "into" | "than" | "of" | "->");
-        let meaningful = |t: &Token| t.is_word() && !is_connector(t) && !lexicon.filler.contains(&t.stem);
+        let meaningful = |t: &Token| t.is_word() && !is_connector(t) && !t.is_filler();
         let mut pairs = HashSet::new();
         for (i, connector) in self.tokens.iter().enumerate() {
             if !is_connector(connector) {
@@ -785,7 +821,7 @@ impl Prompt {
             for l in &left {
                 for r in &right {
                     if l != r {
-                        pairs.insert(((*l).to_owned(), (*r).to_owned()));
+                        pairs.insert((*l, *r));
                     }
                 }
             }
@@ -795,25 +831,26 @@ impl Prompt {
 
     /// The words each side has that the other lacks, after synonyms, compounds ("backup" and
     /// "back up") and acronyms ("NYC" and "New York City") are matched up.
-    fn compare_words(&self, other: &Self) -> Result<(), Refusal> {
-        let lexicon = &*LEXICON;
+    fn compare_words(&self, other: &Self, my_stems: &[&str], their_stems: &[&str]) -> Result<(), Refusal> {
         let mut mine_matched = vec![false; self.content.len()];
         let mut theirs_matched = vec![false; other.content.len()];
         // Against every word of the other side, filler included: "fastest" meets "quickly".
-        let their_stems: HashSet<&str> = other.tokens.iter().map(|t| t.stem.as_str()).collect();
-        let my_stems: HashSet<&str> = self.tokens.iter().map(|t| t.stem.as_str()).collect();
-        let groups = |stems: &HashSet<&str>| -> HashSet<usize> {
-            stems.iter().filter_map(|s| lexicon.synonyms.get(*s)).flatten().copied().collect()
+        let groups = |prompt: &Self| -> Vec<usize> {
+            let mut groups: Vec<usize> =
+                prompt.tokens.iter().filter_map(|t| t.meaning).flat_map(|m| &m.synonyms).copied().collect();
+            groups.sort_unstable();
+            groups
         };
-        let (my_groups, their_groups) = (groups(&my_stems), groups(&their_stems));
-        let matches = |stem: &str, stems: &HashSet<&str>, groups: &HashSet<usize>| {
-            stems.contains(stem) || lexicon.synonyms.get(stem).is_some_and(|g| g.iter().any(|g| groups.contains(g)))
+        let (my_groups, their_groups) = (groups(self), groups(other));
+        let matches = |token: &Token, stems: &[&str], groups: &[usize]| {
+            stems.binary_search(&token.stem.as_str()).is_ok()
+                || token.meaning.is_some_and(|m| m.synonyms.iter().any(|g| groups.binary_search(g).is_ok()))
         };
         for (k, &i) in self.content.iter().enumerate() {
-            mine_matched[k] = matches(&self.tokens[i].stem, &their_stems, &their_groups);
+            mine_matched[k] = matches(&self.tokens[i], their_stems, &their_groups);
         }
         for (k, &i) in other.content.iter().enumerate() {
-            theirs_matched[k] = matches(&other.tokens[i].stem, &my_stems, &my_groups);
+            theirs_matched[k] = matches(&other.tokens[i], my_stems, &my_groups);
         }
         self.match_spans(other, &mut mine_matched, &mut theirs_matched);
         other.match_spans(self, &mut theirs_matched, &mut mine_matched);
@@ -827,7 +864,7 @@ impl Prompt {
             extra.iter().map(|&i| prompt.tokens[i].text.clone()).collect()
         };
         let named = |prompt: &Self, extra: &[usize]| {
-            extra.iter().any(|&i| prompt.tokens[i].named || lexicon.names.contains(prompt.tokens[i].text.as_str()))
+            extra.iter().any(|&i| prompt.tokens[i].named || prompt.tokens[i].word.has(NAME))
         };
         let detail = || {
             versus(&words(self, &mine).iter().collect::<Vec<_>>(), &words(other, &theirs).iter().collect::<Vec<_>>())
@@ -838,13 +875,40 @@ impl Prompt {
         match (mine.len(), theirs.len()) {
             (0, 0) => Ok(()),
             // One side asks for something the other does not mention: "in descending order",
-            // "vegan", "recursively".
+            // "vegan", "recursively". One added word that modifies nothing is rewording instead:
+            // "which city is the capital", "rotate log files".
+            (0, _) if theirs.len() == 1 && !other.is_modifier(theirs[0]) => Ok(()),
+            (_, 0) if mine.len() == 1 && !self.is_modifier(mine[0]) => Ok(()),
             (0, _) | (_, 0) => Err(Refusal { reason: "constraint", detail: detail() }),
             // Everything equal but one word swapped for another that is not its synonym:
             // "protein in salmon" vs "protein in chicken".
             (1, 1) => Err(Refusal { reason: "term", detail: detail() }),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the word at `i` narrows what is asked: a manner adverb ("recursively"), a known
+    /// constraint word ("vegan", "formal"), a word right before the noun it qualifies
+    /// ("lightweight laptop"), or the object of a constraining preposition ("with a salt",
+    /// "in one sentence").
+    fn is_modifier(&self, i: usize) -> bool {
+        let token = &self.tokens[i];
+        let adverb = token.text.len() > 4 && token.text.ends_with("ly");
+        let qualifies_next =
+            self.tokens.get(i + 1).is_some_and(|next| !next.boundary && next.is_word() && !next.is_filler());
+        let introduced = self.tokens[..i]
+            .iter()
+            .rev()
+            .find(|t| {
+                !(t.is_number()
+                    || matches!(
+                        t.text.as_str(),
+                        "a" | "an" | "the" | "my" | "your" | "our" | "their" | "his" | "her" | "its" | "some" | "any"
+                    ))
+            })
+            .is_some_and(|t| t.word.has(CONSTRAINT_PREPOSITION));
+        let modifier = token.meaning.is_some_and(|m| m.modifier);
+        adverb || qualifies_next || (introduced && !token.boundary) || modifier
     }
 
     /// Marks as matched a word of `self` that is a compound of two neighbouring words of `other`
@@ -860,9 +924,10 @@ impl Prompt {
             let mut span = None;
             for start in 0..other.tokens.len() {
                 let two = other.tokens.get(start..start + 2);
-                if two.is_some_and(|t| {
-                    t[0].text.len() + t[1].text.len() == word.len() && format!("{}{}", t[0].text, t[1].text) == *word
-                }) {
+                let compound = |t: &[Token]| {
+                    !t[0].text.is_empty() && word.strip_prefix(t[0].text.as_str()).is_some_and(|rest| rest == t[1].text)
+                };
+                if two.is_some_and(compound) {
                     span = Some(start..start + 2);
                     break;
                 }
@@ -893,19 +958,17 @@ impl Prompt {
 const NEGATING_PREFIXES: &[&str] = &["un", "dis", "in", "il", "im", "ir", "non", "anti", "mis"];
 
 fn number_kind(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> NumberKind {
-    let lexicon = &*LEXICON;
     let text = &token.text;
     if text.contains(':') || text.ends_with("am") || text.ends_with("pm") {
         return NumberKind::Date;
     }
-    let month_near = [prev, next].into_iter().flatten().any(|t| lexicon.months.contains(t.text.as_str()));
+    let month_near = [prev, next].into_iter().flatten().any(|t| t.word.has(MONTH));
     if month_near {
         return NumberKind::Date;
     }
     let product_before = prev.is_some_and(|p| {
         p.named
-            || lexicon.names.contains(p.text.as_str())
-            || lexicon.languages.contains(p.text.as_str())
+            || p.word.has(NAME | LANGUAGE)
             || matches!(
                 p.text.as_str(),
                 "version" | "v" | "edition" | "release" | "api" | "level" | "gen" | "generation"
@@ -918,75 +981,52 @@ fn number_kind(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> Num
     if year {
         return NumberKind::Date;
     }
-    if text.contains('.') && prev.is_some_and(|p| p.is_word() && !lexicon.filler.contains(&p.stem)) {
+    if text.contains('.') && prev.is_some_and(|p| p.is_word() && !p.is_filler()) {
         return NumberKind::Version;
     }
     NumberKind::Plain
 }
 
 fn unit_of(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> Option<&'static str> {
-    let lexicon = &*LEXICON;
-    let unit = *lexicon.units.get(token.text.as_str())?;
-    if !lexicon.ambiguous_units.contains(token.text.as_str()) {
+    let unit = token.word.unit?;
+    if !token.word.has(AMBIGUOUS_UNIT) {
         return Some(unit);
     }
     let after_number = prev.is_some_and(Token::is_number);
-    let after_unit = prev.is_some_and(|p| lexicon.units.contains_key(p.text.as_str()) && !p.boundary);
+    let after_unit = prev.is_some_and(|p| p.word.unit.is_some() && !p.boundary);
     let after_degree = prev.is_some_and(|p| matches!(p.text.as_str(), "degree" | "degrees" | "°"));
     let is_letter = token.text.chars().count() == 1;
     let before_number = next.is_some_and(Token::is_number) && !is_letter;
     (after_number || after_degree || (after_unit && is_letter) || before_number).then_some(unit)
 }
 
+fn is_time_unit(unit: &str) -> bool {
+    matches!(unit, "second" | "minute" | "hour" | "day" | "week" | "month" | "year")
+}
+
 fn language_of(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> Option<String> {
-    let lexicon = &*LEXICON;
-    let text = token.text.as_str();
-    let base = text;
-    if !lexicon.languages.contains(base) {
+    if !token.word.has(LANGUAGE) {
         return None;
     }
-    if !lexicon.ambiguous_languages.contains(base) {
-        return Some(base.to_owned());
+    if !token.word.has(AMBIGUOUS_LANGUAGE) {
+        return Some(token.text.clone());
     }
     let introduced = prev.is_some_and(|p| {
         matches!(p.text.as_str(), "in" | "using" | "with" | "for" | "learn" | "write" | "between" | "and" | "or" | "vs")
     });
-    let followed = next.is_some_and(|n| {
-        matches!(
-            n.stem.as_str(),
-            "cod"
-                | "program"
-                | "programm"
-                | "languag"
-                | "script"
-                | "function"
-                | "struct"
-                | "class"
-                | "modul"
-                | "crate"
-                | "library"
-                | "developer"
-                | "compiler"
-                | "macro"
-                | "trait"
-                | "interfac"
-                | "project"
-        )
-    });
+    let followed = next.is_some_and(|n| n.meaning.is_some_and(|m| m.code_context));
     let spelled_as_name = token.named && token.text.chars().count() > 1;
-    (spelled_as_name || introduced || followed).then(|| base.to_owned())
+    (spelled_as_name || introduced || followed).then(|| token.text.clone())
 }
 
 fn is_date(token: &Token, prev: Option<&Token>, next: Option<&Token>) -> bool {
-    let lexicon = &*LEXICON;
-    let text = token.text.as_str();
-    if lexicon.dates.contains(text) || lexicon.weekdays.contains(text) {
+    if token.word.has(DATE) {
         return true;
     }
-    if !lexicon.months.contains(text) {
+    if !token.word.has(MONTH) {
         return false;
     }
-    !lexicon.ambiguous_months.contains(text)
+    !token.word.has(AMBIGUOUS_MONTH)
         || token.named
         || prev.is_some_and(Token::is_number)
         || next.is_some_and(Token::is_number)
@@ -1025,13 +1065,16 @@ fn differences<'m, K: Ord, V>(
     (more(a, b), more(b, a))
 }
 
+/// "3 vs 4": what differs, the query's side first, a few words each at most.
 fn versus<T: fmt::Display>(mine: &[T], theirs: &[T]) -> String {
+    const WORDS: usize = 5;
     let side = |words: &[T]| {
         if words.is_empty() {
-            "nothing".to_owned()
-        } else {
-            words.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+            return "nothing".to_owned();
         }
+        let shown: Vec<String> = words.iter().take(WORDS).map(ToString::to_string).collect();
+        let more = if words.len() > WORDS { " …" } else { "" };
+        format!("{}{more}", shown.join(" "))
     };
     format!("{} vs {}", side(mine), side(theirs))
 }
@@ -1039,91 +1082,153 @@ fn versus<T: fmt::Display>(mine: &[T], theirs: &[T]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Lexicon
 
+/// Hashes the static word tables. SipHash (the std default) resists key-flooding, which these
+/// tables cannot suffer: they are built once from the lists in `words` and only looked up
+/// afterwards. FNV-1a is several times faster on short words, and lookups are most of the guard's
+/// work. Per-prompt sets keep the std hasher.
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut hash = if self.0 == 0 { OFFSET } else { self.0 };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+        self.0 = hash;
+    }
+}
+
+type Table<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+
+const NAME: u16 = 1;
+const LANGUAGE: u16 = 1 << 1;
+const AMBIGUOUS_LANGUAGE: u16 = 1 << 2;
+const AMBIGUOUS_UNIT: u16 = 1 << 3;
+const NEGATION: u16 = 1 << 4;
+const DATE: u16 = 1 << 5;
+const MONTH: u16 = 1 << 6;
+const AMBIGUOUS_MONTH: u16 = 1 << 7;
+const CONSTRAINT_PREPOSITION: u16 = 1 << 8;
+
+/// What the guard knows about a word as written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Word {
+    flags: u16,
+    /// The canonical unit or currency.
+    unit: Option<&'static str>,
+    /// The value of a number word.
+    number: Option<u64>,
+    /// What an abbreviation stands for.
+    alias: Option<&'static str>,
+}
+
+impl Word {
+    fn has(self, flags: u16) -> bool {
+        self.flags & flags != 0
+    }
+
+    fn is_proper(self) -> bool {
+        self.has(NAME | LANGUAGE) || self.unit.is_some()
+    }
+}
+
+/// What the guard knows about a stem.
+#[derive(Debug, Default)]
+struct Meaning {
+    filler: bool,
+    modifier: bool,
+    /// The next word makes an ambiguous language name a language: "Go code", "Rust crate".
+    code_context: bool,
+    /// The synonym groups it belongs to.
+    synonyms: Vec<usize>,
+    /// The stems of its opposites.
+    opposites: Vec<String>,
+    /// Phrases starting with it: (their stems, replacement), longest first.
+    phrases: Vec<(Vec<String>, &'static str)>,
+}
+
 struct Lexicon {
-    filler: HashSet<String>,
-    /// Stem → the synonym groups it belongs to.
-    synonyms: HashMap<String, Vec<usize>>,
-    /// Stem → the stems of its opposites.
-    opposites: HashMap<String, Vec<String>>,
-    negations: HashSet<&'static str>,
-    /// First word → (phrase words, replacement), longest phrase first.
-    phrases: HashMap<&'static str, Vec<(Vec<&'static str>, &'static str)>>,
-    aliases: HashMap<&'static str, &'static str>,
-    units: HashMap<&'static str, &'static str>,
-    ambiguous_units: HashSet<&'static str>,
-    time_units: HashSet<&'static str>,
-    weekdays: HashSet<&'static str>,
-    months: HashSet<&'static str>,
-    ambiguous_months: HashSet<&'static str>,
-    dates: HashSet<&'static str>,
-    languages: HashSet<&'static str>,
-    ambiguous_languages: HashSet<&'static str>,
-    names: HashSet<&'static str>,
-    number_words: HashMap<&'static str, u64>,
+    words: Table<&'static str, Word>,
+    meanings: Table<String, Meaning>,
 }
 
 impl Lexicon {
-    /// Names, languages and units: compared as written, never stemmed.
-    fn proper(&self, word: &str) -> bool {
-        self.names.contains(word) || self.languages.contains(word) || self.units.contains_key(word)
+    fn word(&self, text: &str) -> Word {
+        self.words.get(text).copied().unwrap_or_default()
     }
 
-    /// Words with a meaning of their own to the guard, never "corrected" into one another.
-    fn known(&self, word: &str) -> bool {
-        self.units.contains_key(word)
-            || self.languages.contains(word)
-            || self.names.contains(word)
-            || self.negations.contains(word)
-            || self.opposites.contains_key(&stem(word))
-            || self.number_words.contains_key(word)
-            || self.months.contains(word)
-            || self.weekdays.contains(word)
-            || self.dates.contains(word)
+    /// The form a word is compared in: its stem, or the word itself for names, languages and units.
+    fn key(&self, word: &str) -> String {
+        if self.word(word).is_proper() { word.to_owned() } else { stem(word) }
     }
 }
 
 static LEXICON: LazyLock<Lexicon> = LazyLock::new(|| {
-    let mut synonyms: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut words: Table<&'static str, Word> = Table::default();
+    let mut flag = |list: &[&'static str], flags: u16| {
+        for w in list {
+            words.entry(w).or_default().flags |= flags;
+        }
+    };
+    flag(words::NAMES, NAME);
+    flag(words::PROGRAMMING_LANGUAGES, LANGUAGE);
+    flag(words::NATURAL_LANGUAGES, LANGUAGE);
+    flag(words::AMBIGUOUS_LANGUAGES, AMBIGUOUS_LANGUAGE);
+    flag(words::AMBIGUOUS_UNITS, AMBIGUOUS_UNIT);
+    flag(words::NEGATIONS, NEGATION);
+    flag(words::DATE_WORDS, DATE);
+    flag(words::WEEKDAYS, DATE);
+    flag(words::MONTHS, MONTH);
+    flag(words::AMBIGUOUS_MONTHS, AMBIGUOUS_MONTH);
+    flag(words::CONSTRAINT_PREPOSITIONS, CONSTRAINT_PREPOSITION);
+    for (written, unit) in words::UNITS {
+        words.entry(written).or_default().unit = Some(unit);
+    }
+    for (written, value) in NUMBER_WORDS {
+        words.entry(written).or_default().number = Some(*value);
+    }
+    for (written, expansion) in words::ALIASES {
+        words.entry(written).or_default().alias = Some(expansion);
+    }
+    let mut lexicon = Lexicon { words, meanings: Table::default() };
+    // Keyed like tokens' stems, which needs the words above.
+    let mut meanings: Table<String, Meaning> = Table::default();
+    for w in words::FILLER {
+        meanings.entry(lexicon.key(w)).or_default().filler = true;
+    }
+    for w in words::MODIFIERS {
+        meanings.entry(lexicon.key(w)).or_default().modifier = true;
+    }
+    for w in words::CODE_CONTEXT {
+        meanings.entry(lexicon.key(w)).or_default().code_context = true;
+    }
     for (group, members) in words::SYNONYMS.iter().enumerate() {
         for member in *members {
-            synonyms.entry(stem(member)).or_default().push(group);
+            meanings.entry(lexicon.key(member)).or_default().synonyms.push(group);
         }
     }
-    let mut opposites: HashMap<String, Vec<String>> = HashMap::new();
     for (a, b) in words::ANTONYMS {
-        opposites.entry(stem(a)).or_default().push(stem(b));
-        opposites.entry(stem(b)).or_default().push(stem(a));
+        let (a_key, b_key) = (lexicon.key(a), lexicon.key(b));
+        meanings.entry(lexicon.key(a)).or_default().opposites.push(b_key);
+        meanings.entry(lexicon.key(b)).or_default().opposites.push(a_key);
     }
-    let mut phrases: HashMap<&'static str, Vec<(Vec<&'static str>, &'static str)>> = HashMap::new();
     for (phrase, replacement) in words::PHRASES {
-        let words: Vec<&'static str> = phrase.split(' ').collect();
-        phrases.entry(words[0]).or_default().push((words, replacement));
+        let stems: Vec<String> = phrase.split(' ').map(|w| lexicon.key(w)).collect();
+        meanings.entry(stems[0].clone()).or_default().phrases.push((stems, replacement));
     }
-    for list in phrases.values_mut() {
-        list.sort_by_key(|(words, _)| std::cmp::Reverse(words.len()));
+    for m in meanings.values_mut() {
+        m.phrases.sort_by_key(|(stems, _)| std::cmp::Reverse(stems.len()));
     }
-    let set = |list: &[&'static str]| list.iter().copied().collect::<HashSet<_>>();
-    let mut languages = set(words::PROGRAMMING_LANGUAGES);
-    languages.extend(words::NATURAL_LANGUAGES);
-    Lexicon {
-        filler: words::FILLER.iter().map(|w| stem(w)).collect(),
-        synonyms,
-        opposites,
-        negations: set(words::NEGATIONS),
-        phrases,
-        aliases: words::ALIASES.iter().copied().collect(),
-        units: words::UNITS.iter().copied().collect(),
-        ambiguous_units: set(words::AMBIGUOUS_UNITS),
-        time_units: set(words::TIME_UNITS),
-        weekdays: set(words::WEEKDAYS),
-        months: set(words::MONTHS),
-        ambiguous_months: set(words::AMBIGUOUS_MONTHS),
-        dates: set(words::DATE_WORDS),
-        languages,
-        ambiguous_languages: set(words::AMBIGUOUS_LANGUAGES),
-        names: set(words::NAMES),
-        number_words: NUMBER_WORDS.iter().copied().collect(),
-    }
+    lexicon.meanings = meanings;
+    lexicon
 });
 
 const NUMBER_WORDS: &[(&str, u64)] = &[
@@ -1168,10 +1273,13 @@ const NUMBER_WORDS: &[(&str, u64)] = &[
 mod tests {
     use super::*;
 
-    fn refused(query: &str, cached: &str) -> &'static str {
-        match verify(query, cached) {
-            Err(refusal) => refusal.reason,
-            Ok(()) => panic!("expected a refusal: {query:?} / {cached:?}"),
+    /// Every pair must be refused for `reason`.
+    fn refuses(reason: &str, pairs: &[(&str, &str)]) {
+        for (query, cached) in pairs {
+            match verify(query, cached) {
+                Err(refusal) => assert_eq!(refusal.reason, reason, "{query:?} / {cached:?}: {refusal}"),
+                Ok(()) => panic!("expected a refusal ({reason}): {query:?} / {cached:?}"),
+            }
         }
     }
 
@@ -1183,65 +1291,94 @@ mod tests {
 
     #[test]
     fn numbers_decide() {
-        assert_eq!(refused("Is 23 a prime number?", "Is 27 a prime number?"), "number");
-        assert_eq!(refused("Split the bill between six people", "Split the bill between 8 people"), "number");
-        assert_eq!(refused("What is 12% of 250?", "What is 12% of 350?"), "number");
+        refuses(
+            "number",
+            &[
+                ("Is 23 a prime number?", "Is 27 a prime number?"),
+                ("Split the bill between six people", "Split the bill between 8 people"),
+                ("What is 12% of 250?", "What is 12% of 350?"),
+            ],
+        );
         passes("Show me five ways to save money", "Show me 5 ways to save money");
         passes("How many grams are in a kilogram?", "How many grams are in 1 kg?");
     }
 
     #[test]
     fn dates_and_times_decide() {
-        assert_eq!(refused("What happened on 9 November 1989?", "What happened on 9 November 1999?"), "date");
-        assert_eq!(refused("Is the gym open on Thursday?", "Is the gym open on Friday?"), "date");
-        assert_eq!(refused("Remind me at 6pm", "Remind me at 8pm"), "date");
-        assert_eq!(
-            refused("What were the best albums of this year?", "What were the best albums of last year?"),
-            "date"
+        refuses(
+            "date",
+            &[
+                ("What happened on 9 November 1989?", "What happened on 9 November 1999?"),
+                ("Is the gym open on Thursday?", "Is the gym open on Friday?"),
+                ("Remind me at 6pm", "Remind me at 8pm"),
+                ("What were the best albums of this year?", "What were the best albums of last year?"),
+            ],
         );
     }
 
     #[test]
     fn versions_decide() {
-        assert_eq!(refused("How do I install Go 1.21?", "How do I install Go 1.22?"), "version");
-        assert_eq!(refused("Which features arrived in ES2019?", "Which features arrived in ES2021?"), "version");
-        assert_eq!(refused("Is Debian 11 still supported?", "Is Debian 12 still supported?"), "version");
+        refuses(
+            "version",
+            &[
+                ("How do I install Go 1.21?", "How do I install Go 1.22?"),
+                ("Which features arrived in ES2019?", "Which features arrived in ES2021?"),
+                ("Is Debian 11 still supported?", "Is Debian 12 still supported?"),
+            ],
+        );
     }
 
     #[test]
     fn units_decide() {
-        assert_eq!(refused("How many cups is 500 ml?", "How many cups is 500 g?"), "unit");
-        assert_eq!(refused("Convert 5 km to miles", "Convert 5 km to meters"), "unit");
-        assert_eq!(refused("What is 20 dollars in yen?", "What is 20 euros in yen?"), "unit");
+        refuses(
+            "unit",
+            &[
+                ("How many cups is 500 ml?", "How many cups is 500 g?"),
+                ("Convert 5 km to miles", "Convert 5 km to meters"),
+                ("What is 20 dollars in yen?", "What is 20 euros in yen?"),
+            ],
+        );
         passes("How long do I steep black tea?", "How many minutes do I steep black tea?");
     }
 
     #[test]
     fn negation_decides() {
-        assert_eq!(refused("Why isn't my cron job running?", "Why is my cron job running?"), "negation");
-        assert_eq!(refused("Soups that freeze well without cream", "Soups that freeze well with cream"), "negation");
-        assert_eq!(refused("Which cheeses are not pasteurised?", "Which cheeses are pasteurised?"), "negation");
+        refuses(
+            "negation",
+            &[
+                ("Why isn't my cron job running?", "Why is my cron job running?"),
+                ("Soups that freeze well without cream", "Soups that freeze well with cream"),
+                ("Which cheeses are not pasteurised?", "Which cheeses are pasteurised?"),
+            ],
+        );
         passes("how do I boil rice wihtout a lid", "How do I boil rice without a lid?");
         passes("How do I cook rice if I don't have a rice cooker?", "How do I cook rice without a rice cooker?");
     }
 
     #[test]
     fn opposites_decide() {
-        assert_eq!(refused("How do I enable SSH password login?", "How do I disable SSH password login?"), "antonym");
-        assert_eq!(refused("How do I unarchive an email in Gmail?", "How do I archive an email in Gmail?"), "antonym");
-        assert_eq!(refused("Which spices lower cholesterol?", "Which spices raise cholesterol?"), "antonym");
-        assert_eq!(refused("Sort invoices by amount, ascending", "Sort invoices by amount, descending"), "antonym");
-        assert_eq!(refused("How do I zoom in on a map?", "How do I zoom out on a map?"), "antonym");
+        refuses(
+            "antonym",
+            &[
+                ("How do I enable SSH password login?", "How do I disable SSH password login?"),
+                ("How do I unarchive an email in Gmail?", "How do I archive an email in Gmail?"),
+                ("Which spices lower cholesterol?", "Which spices raise cholesterol?"),
+                ("Sort invoices by amount, ascending", "Sort invoices by amount, descending"),
+                ("How do I zoom in on a map?", "How do I zoom out on a map?"),
+            ],
+        );
         passes("How do I turn on the flashlight on Android?", "How do I enable the flashlight on Android?");
     }
 
     #[test]
     fn direction_decides() {
-        assert_eq!(refused("Convert pounds to kilograms", "Convert kilograms to pounds"), "direction");
-        assert_eq!(refused("Is tea healthier than coffee?", "Is coffee healthier than tea?"), "direction");
-        assert_eq!(
-            refused("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
-            "direction"
+        refuses(
+            "direction",
+            &[
+                ("Convert pounds to kilograms", "Convert kilograms to pounds"),
+                ("Is tea healthier than coffee?", "Is coffee healthier than tea?"),
+                ("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
+            ],
         );
         passes(
             "What is the difference between git fetch and git pull?",
@@ -1251,34 +1388,51 @@ mod tests {
 
     #[test]
     fn languages_decide() {
-        assert_eq!(refused("How do I read a file in Kotlin?", "How do I read a file in Scala?"), "language");
-        assert_eq!(refused("How do I sort a slice in Go?", "How do I sort a slice in Rust?"), "language");
-        assert_eq!(refused("How do I sort a slice in go", "How do I sort a slice"), "language");
-        assert_eq!(refused("Translate 'cheers' into Dutch", "Translate 'cheers' into Swedish"), "language");
+        refuses(
+            "language",
+            &[
+                ("How do I read a file in Kotlin?", "How do I read a file in Scala?"),
+                ("How do I sort a slice in Go?", "How do I sort a slice in Rust?"),
+                ("How do I sort a slice in go", "How do I sort a slice"),
+                ("Translate 'cheers' into Dutch", "Translate 'cheers' into Swedish"),
+            ],
+        );
         passes("Let's go to the beach: what should I pack?", "What should I pack for the beach?");
     }
 
     #[test]
     fn code_identifiers_decide() {
-        assert_eq!(refused("What does `Vec::with_capacity` do?", "What does `Vec::reserve` do?"), "code");
-        assert_eq!(refused("What does os.path.join do?", "What does os.path.split do?"), "code");
-        assert_eq!(refused("Why does parse_args() fail?", "Why does parse_env() fail?"), "code");
+        refuses(
+            "code",
+            &[
+                ("What does `Vec::with_capacity` do?", "What does `Vec::reserve` do?"),
+                ("What does os.path.join do?", "What does os.path.split do?"),
+                ("Why does parse_args() fail?", "Why does parse_env() fail?"),
+            ],
+        );
     }
 
     #[test]
     fn names_and_swapped_terms_decide() {
-        assert_eq!(
-            refused("What's the weather like in Lisbon in spring?", "What's the weather like in Porto in spring?"),
-            "entity"
+        refuses(
+            "entity",
+            &[
+                ("What's the weather like in Lisbon in spring?", "What's the weather like in Porto in spring?"),
+                ("How do I install helm on a server?", "How do I install kubectl on a server?"),
+            ],
         );
-        assert_eq!(refused("How do I install helm on a server?", "How do I install kubectl on a server?"), "entity");
-        assert_eq!(refused("How much fibre is in lentils?", "How much fibre is in oats?"), "term");
+        refuses("term", &[("How much fibre is in lentils?", "How much fibre is in oats?")]);
     }
 
     #[test]
     fn added_constraints_decide() {
-        assert_eq!(refused("How do I flatten a nested list?", "How do I flatten a nested list lazily?"), "constraint");
-        assert_eq!(refused("Give me a curry recipe", "Give me a vegetarian curry recipe"), "constraint");
+        refuses(
+            "constraint",
+            &[
+                ("How do I flatten a nested list?", "How do I flatten a nested list lazily?"),
+                ("Give me a curry recipe", "Give me a vegetarian curry recipe"),
+            ],
+        );
     }
 
     #[test]
@@ -1350,8 +1504,11 @@ mod tests {
     #[test]
     fn long_prompts_are_compared_in_full() {
         let body = "Please review this paragraph about our deployment process and suggest improvements. ".repeat(100);
-        passes(&format!("{body} Keep it short."), &format!("{body} Keep it short."));
-        assert_eq!(refused(&format!("{body} Use 3 bullet points."), &format!("{body} Use 5 bullet points.")), "number");
+        passes(&format!("{body} Keep it short."), &format!("{body} keep it short"));
+        refuses("number", &[(&format!("{body} Use 3 bullet points."), &format!("{body} Use 5 bullet points."))]);
+        let many: String = (0..500).map(|i| format!("word{i} ")).collect();
+        let detail = verify(&many, "something else entirely").map_err(|r| r.detail).expect_err("refused");
+        assert!(detail.len() < 100, "a refusal's detail stays short: {detail}");
     }
 
     #[test]
@@ -1369,47 +1526,5 @@ mod tests {
         assert_eq!(HitRule::from_config(&config), HitRule { threshold: 0.9, verify: false });
         let defaults: crate::config::SemanticCacheLookupConfig = toml::from_str("").expect("valid lookup config");
         assert_eq!(HitRule::from_config(&defaults), HitRule { threshold: 0.85, verify: true });
-    }
-}
-
-#[cfg(test)]
-mod dev_harness {
-    #[test]
-    #[ignore]
-    fn dev_split() {
-        let split = std::env::var("SPLIT").unwrap_or_else(|_| "dev".into());
-        let text = std::fs::read_to_string(
-            std::env::var("PAIRS")
-                .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../loadtest/cache-eval.jsonl").into()),
-        )
-        .unwrap();
-        let mut stats: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            if v["split"] != split.as_str() {
-                continue;
-            }
-            let (a, b, label, kind) = (
-                v["a"].as_str().unwrap(),
-                v["b"].as_str().unwrap(),
-                v["label"].as_str().unwrap(),
-                v["kind"].as_str().unwrap(),
-            );
-            let r = super::verify(a, b);
-            let r2 = super::verify(b, a);
-            let e = stats.entry(format!("{label}/{kind}")).or_default();
-            e.1 += 1;
-            let wrong = if label == "same" { r.is_err() } else { r.is_ok() };
-            if wrong {
-                e.0 += 1;
-                println!("WRONG {label}/{kind}: {a} || {b} => {:?}", r.as_ref().err().map(|r| r.to_string()));
-            }
-            if r.is_ok() != r2.is_ok() {
-                println!("ASYM {a} || {b} => {:?} / {:?}", r, r2);
-            }
-        }
-        for (k, (w, n)) in stats {
-            println!("{k}: wrong {w}/{n}");
-        }
     }
 }

@@ -4,6 +4,7 @@
 //! the hit decision on labelled pairs (`eval`, `aigw cache-eval`).
 
 pub mod answer;
+pub mod eval;
 pub mod guard;
 pub mod store;
 

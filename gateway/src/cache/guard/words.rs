@@ -136,7 +136,6 @@ pub(super) const FILLER: &[&str] = &[
     "bother",
     "excuse",
     "kindly",
-    "quick",
     "question",
     "wondering",
     "wonder",
@@ -180,7 +179,6 @@ pub(super) const FILLER: &[&str] = &[
     "mind",
     "advance",
     "bunch",
-    "hand",
     "possible",
     "able",
     "let",
@@ -277,6 +275,7 @@ pub(super) const SYNONYMS: &[&[&str]] = &[
     &["centre", "center"],
     &["shipping", "delivery", "shipment"],
     &["prepare", "ready"],
+    &["improve", "better", "enhance"],
     &["world", "earth", "planet"],
     &["colour", "color"],
     &["memorise", "memorize"],
@@ -445,6 +444,7 @@ pub(super) const ANTONYMS: &[(&str, &str)] = &[
     ("adult", "child"),
     ("day", "night"),
     ("morning", "evening"),
+    ("morning", "night"),
     ("sunrise", "sunset"),
     ("wake", "sleep"),
     ("lowercase", "capitalize"),
@@ -458,6 +458,82 @@ pub(super) const ANTONYMS: &[(&str, &str)] = &[
     ("inner", "outer"),
     ("entry", "exit"),
     ("enter", "exit"),
+];
+
+/// Words that narrow a request wherever they stand ("recipe ... vegan", "a list, sorted").
+pub(super) const MODIFIERS: &[&str] = &[
+    "vegan",
+    "vegetarian",
+    "keto",
+    "halal",
+    "kosher",
+    "organic",
+    "spicy",
+    "mild",
+    "formal",
+    "informal",
+    "casual",
+    "brief",
+    "short",
+    "detailed",
+    "concise",
+    "funny",
+    "serious",
+    "lightweight",
+    "portable",
+    "wireless",
+    "waterproof",
+    "cheap",
+    "luxury",
+    "free",
+    "paid",
+    "secure",
+    "async",
+    "asynchronous",
+    "synchronous",
+    "recursive",
+    "iterative",
+    "parallel",
+    "concurrent",
+    "lazy",
+    "stable",
+    "sorted",
+    "unique",
+    "distinct",
+    "inplace",
+    "immutable",
+    "generic",
+    "typed",
+    "strict",
+    "offline",
+    "beginner",
+    "advanced",
+    "intermediate",
+    "professional",
+    "only",
+    "exactly",
+    "minimal",
+    "maximal",
+    "optimal",
+    "efficient",
+    "safe",
+    "fastest",
+    "slowest",
+    "shortest",
+    "longest",
+    "simplest",
+    "oneliner",
+    "one-liner",
+    "visual",
+    "interactive",
+    "printable",
+    "downloadable",
+];
+
+/// Prepositions that attach a condition to a request: "with a salt", "during pregnancy".
+pub(super) const CONSTRAINT_PREPOSITIONS: &[&str] = &[
+    "with", "without", "in", "during", "while", "using", "via", "on", "at", "within", "under", "over", "for", "except",
+    "before", "after", "by", "from", "since", "until", "to", "as", "like", "and", "or", "plus",
 ];
 
 /// Negation markers; contractions ("don't") are expanded to "not" before this is consulted.
@@ -498,8 +574,9 @@ pub(super) const PHRASES: &[(&str, &str)] = &[
     ("get rid of", "remove"),
     ("in place", "inplace"),
     ("step by step", ""),
-    ("if it is not too much trouble", ""),
-    ("if it's not too much trouble", ""),
+    ("quick question", ""),
+    ("quick one", ""),
+    ("give me a hand", "help"),
     ("not too much trouble", ""),
     ("no problem", ""),
     ("no worries", ""),
@@ -925,10 +1002,6 @@ pub(super) const AMBIGUOUS_UNITS: &[&str] = &[
     "em", "pt", "won", "stick", "sticks", "stone", "stones", "second", "cal", "kilo", "buck", "bucks",
 ];
 
-/// Time units also appear in prompts without measuring anything ("how many hours of sleep");
-/// a difference in them alone is not decisive unless a number is attached.
-pub(super) const TIME_UNITS: &[&str] = &["second", "minute", "hour", "day", "week", "month", "year"];
-
 pub(super) const WEEKDAYS: &[&str] =
     &["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "weekend", "weekday"];
 pub(super) const MONTHS: &[&str] = &[
@@ -1055,6 +1128,27 @@ pub(super) const PROGRAMMING_LANGUAGES: &[&str] = &[
 ];
 /// Language names that are also everyday words; languages only in context ("in Go", "Go code").
 pub(super) const AMBIGUOUS_LANGUAGES: &[&str] = &["go", "c", "r", "swift", "rust", "shell", "dart", "julia", "polish"];
+
+/// Words after which an ambiguous language name is a language: "Go code", "Rust crate".
+pub(super) const CODE_CONTEXT: &[&str] = &[
+    "code",
+    "program",
+    "programming",
+    "language",
+    "script",
+    "function",
+    "struct",
+    "class",
+    "module",
+    "crate",
+    "library",
+    "developer",
+    "compiler",
+    "macro",
+    "trait",
+    "interface",
+    "project",
+];
 
 pub(super) const NATURAL_LANGUAGES: &[&str] = &[
     "english",
