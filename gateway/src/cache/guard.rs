@@ -100,6 +100,10 @@ struct Token {
     /// What the guard knows about `text`, and about `stem`: looked up once, here.
     word: Word,
     meaning: Option<&'static Meaning>,
+    /// Holds a letter (a word, possibly with digits: "es2020").
+    has_letter: bool,
+    /// Digits, with decimal points or colons (3.11, 10:30).
+    numeric: bool,
 }
 
 impl Token {
@@ -115,6 +119,9 @@ impl Token {
         // Names, languages and units are compared as written: "https" is not the plural of "http".
         self.stem = if self.word.is_proper() { text.clone() } else { stem(&text) };
         self.meaning = lexicon.meanings.get(&self.stem);
+        self.has_letter = text.chars().any(char::is_alphabetic);
+        self.numeric = text.starts_with(|c: char| c.is_ascii_digit())
+            && text.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | ':'));
         self.text = text;
     }
 
@@ -128,18 +135,17 @@ impl Token {
     }
 
     fn is_number(&self) -> bool {
-        self.text.starts_with(|c: char| c.is_ascii_digit())
-            && self.text.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
+        self.numeric
     }
 
     fn is_word(&self) -> bool {
-        self.text.chars().any(char::is_alphabetic)
+        self.has_letter
     }
 }
 
 /// A token as written, before normalisation.
-struct Raw {
-    text: String,
+struct Raw<'t> {
+    text: &'t str,
     code: bool,
     boundary: bool,
     sentence_start: bool,
@@ -167,8 +173,11 @@ fn tokenize(text: &str) -> Vec<Token> {
 
 /// Splits text into word, number and symbol tokens, keeping code-like and version-like
 /// punctuation inside a token (3.11, node.js, c++, c#, f(x), 1,000, 10:30).
-fn split(text: &str) -> Vec<Raw> {
+fn split(text: &str) -> Vec<Raw<'_>> {
     let chars: Vec<char> = text.chars().collect();
+    // Byte offset of each character, and of the end: tokens are slices of `text`.
+    let offsets: Vec<usize> = text.char_indices().map(|(at, _)| at).chain([text.len()]).collect();
+    let slice = |from: usize, to: usize| &text[offsets[from]..offsets[to]];
     let mut out = Vec::new();
     let mut boundary = true;
     let mut sentence_start = true;
@@ -177,10 +186,9 @@ fn split(text: &str) -> Vec<Raw> {
         let c = chars[i];
         if c == '`' {
             if let Some(len) = chars[i + 1..].iter().position(|&c| c == '`') {
-                let inner: String = chars[i + 1..i + 1 + len].iter().collect();
-                let inner = inner.trim();
+                let inner = slice(i + 1, i + 1 + len).trim();
                 if !inner.is_empty() {
-                    out.push(Raw { text: inner.to_owned(), code: true, boundary, sentence_start: false });
+                    out.push(Raw { text: inner, code: true, boundary, sentence_start: false });
                     boundary = false;
                     sentence_start = false;
                 }
@@ -197,7 +205,7 @@ fn split(text: &str) -> Vec<Raw> {
             // "w/o" and "w/" are how people type "without" and "with".
             let without = chars.get(i + 2) == Some(&'o') && !chars.get(i + 3).is_some_and(|c| c.is_alphanumeric());
             let text = if without { "without" } else { "with" };
-            out.push(Raw { text: text.to_owned(), code: false, boundary, sentence_start: false });
+            out.push(Raw { text, code: false, boundary, sentence_start: false });
             boundary = false;
             sentence_start = false;
             i += if without { 3 } else { 2 };
@@ -205,8 +213,7 @@ fn split(text: &str) -> Vec<Raw> {
         }
         if c.is_alphanumeric() || c == '_' {
             let (end, code) = word_end(&chars, i);
-            let text: String = chars[i..end].iter().collect();
-            out.push(Raw { text, code, boundary, sentence_start });
+            out.push(Raw { text: slice(i, end), code, boundary, sentence_start });
             boundary = false;
             sentence_start = false;
             i = end;
@@ -214,7 +221,7 @@ fn split(text: &str) -> Vec<Raw> {
         }
         match c {
             '$' | '€' | '£' | '¥' | '₹' | '%' | '°' => {
-                out.push(Raw { text: c.to_string(), code: false, boundary, sentence_start: false });
+                out.push(Raw { text: slice(i, i + 1), code: false, boundary, sentence_start: false });
                 boundary = false;
             }
             '.' | '!' | '?' | ':' | ';' | '\n' => {
@@ -223,12 +230,12 @@ fn split(text: &str) -> Vec<Raw> {
             }
             ',' | '(' | ')' | '[' | ']' | '"' | '“' | '”' | '—' | '–' | '|' => boundary = true,
             '-' if chars.get(i + 1) == Some(&'>') => {
-                out.push(Raw { text: "->".to_owned(), code: false, boundary, sentence_start: false });
+                out.push(Raw { text: "->", code: false, boundary, sentence_start: false });
                 boundary = false;
                 i += 1;
             }
             '→' => {
-                out.push(Raw { text: "->".to_owned(), code: false, boundary, sentence_start: false });
+                out.push(Raw { text: "->", code: false, boundary, sentence_start: false });
                 boundary = false;
             }
             _ => {}
@@ -921,6 +928,7 @@ impl Prompt {
             }
             let word = &self.tokens[i].text;
             let letters = word.chars().count();
+            let acronym = (2..=6).contains(&letters) && word.chars().all(|c| c.is_ascii_alphabetic());
             let mut span = None;
             for start in 0..other.tokens.len() {
                 let two = other.tokens.get(start..start + 2);
@@ -931,7 +939,6 @@ impl Prompt {
                     span = Some(start..start + 2);
                     break;
                 }
-                let acronym = (2..=6).contains(&letters) && word.chars().all(|c| c.is_ascii_alphabetic());
                 if acronym
                     && let Some(window) = other.tokens.get(start..start + letters)
                     && window.iter().zip(word.chars()).all(|(t, c)| t.text.starts_with(c))
