@@ -647,7 +647,11 @@ impl Prompt {
                 entry.0 += 1;
                 entry.1 = entry.1.max(kind);
             } else if let Some(unit) = unit_of(token, prev, next) {
-                let attached = prev_is_number || next.is_some_and(Token::is_number);
+                // "100 US dollars": the amount may stand a word before the unit's qualifier.
+                let before_prev = i.checked_sub(2).map(|p| &prompt.tokens[p]);
+                let attached = prev_is_number
+                    || next.is_some_and(Token::is_number)
+                    || (prev.is_some_and(Token::is_word) && before_prev.is_some_and(Token::is_number));
                 prompt.units.push((unit, attached));
             } else if token.word.has(NEGATION) {
                 prompt.negations += 1;
@@ -726,6 +730,17 @@ impl Prompt {
         let (mine, theirs) = (count(&self.units), count(&other.units));
         let (only_mine, only_theirs) = differences(&mine, &theirs, |n| *n);
         if only_mine.is_empty() && only_theirs.is_empty() {
+            // The same units, but the amount belongs to another one: "100 dollars in euros" asks
+            // the opposite of "100 euros in dollars" (however the rest is worded). An amount on
+            // one side only ("a kilogram" / "1 kg") is wording.
+            let amounts = |units: &[(&'static str, bool)]| -> BTreeSet<&'static str> {
+                units.iter().filter(|(_, attached)| *attached).map(|(unit, _)| *unit).collect()
+            };
+            let (mine, theirs) = (amounts(&self.units), amounts(&other.units));
+            if !mine.is_empty() && !theirs.is_empty() && mine != theirs {
+                let detail = format!("an amount of {} vs of {}", versus_set(&mine), versus_set(&theirs));
+                return Err(Refusal { reason: "direction", detail });
+            }
             return Ok(());
         }
         // "how many hours of sleep" vs "how much sleep each night": a unit on one side only,
@@ -794,7 +809,8 @@ impl Prompt {
         // "capital of France": "of" binds its nearest words only
         let reach = |t: &Token| if t.text == "of" { 1 } else { REACH };
         let is_connector = |t: &Token| matches!(t.text.as_str(), "to" | "into" | "than" | "of" | "->");
-        let meaningful = |t: &Token| t.is_word() && !is_connector(t) && !t.is_filler();
+        // A capitalised filler word is a name here: "Is Go faster than Rust?"
+        let meaningful = |t: &Token| t.is_word() && !is_connector(t) && (!t.is_filler() || t.named);
         let mut pairs = HashSet::new();
         for (i, connector) in self.tokens.iter().enumerate() {
             if !is_connector(connector) {
@@ -1073,6 +1089,10 @@ fn differences<'m, K: Ord, V>(
 }
 
 /// "3 vs 4": what differs, the query's side first, a few words each at most.
+fn versus_set(units: &BTreeSet<&str>) -> String {
+    if units.is_empty() { "nothing".to_owned() } else { units.iter().copied().collect::<Vec<_>>().join(", ") }
+}
+
 fn versus<T: fmt::Display>(mine: &[T], theirs: &[T]) -> String {
     const WORDS: usize = 5;
     let side = |words: &[T]| {
@@ -1372,6 +1392,10 @@ mod tests {
                 ("Which spices lower cholesterol?", "Which spices raise cholesterol?"),
                 ("Sort invoices by amount, ascending", "Sort invoices by amount, descending"),
                 ("How do I zoom in on a map?", "How do I zoom out on a map?"),
+                (
+                    "What are the advantages of renting a home instead of buying one?",
+                    "What are the drawbacks of renting a home rather than buying one?",
+                ),
             ],
         );
         passes("How do I turn on the flashlight on Android?", "How do I enable the flashlight on Android?");
@@ -1385,8 +1409,15 @@ mod tests {
                 ("Convert pounds to kilograms", "Convert kilograms to pounds"),
                 ("Is tea healthier than coffee?", "Is coffee healthier than tea?"),
                 ("Move my playlist from Spotify to Tidal", "Move my playlist from Tidal to Spotify"),
+                ("Is Go faster than Rust?", "Is Rust faster than Go?"),
+                (
+                    "If I exchange 100 US dollars, how many euros do I get?",
+                    "If I exchange 100 euros, how many US dollars do I get?",
+                ),
+                ("What is 20 dollars in yen?", "What is 20 yen in dollars?"),
             ],
         );
+        passes("Convert 5 km to miles", "How many miles is 5 km?");
         passes(
             "What is the difference between git fetch and git pull?",
             "What's the difference between git pull and git fetch?",
