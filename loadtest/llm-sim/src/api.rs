@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::embeddings;
 use crate::faults::{FaultRates, Latency};
+use crate::usage::{PromptCache, Tally};
 
 pub const X_SIM_MODEL: HeaderName = HeaderName::from_static("x-sim-model");
 pub const X_SIM_PROMPT_HASH: HeaderName = HeaderName::from_static("x-sim-prompt-hash");
@@ -39,6 +40,8 @@ pub struct AppState {
     pub embeddings: embeddings::Source,
     pub latency: Latency,
     pub faults: FaultRates,
+    pub tally: Arc<Tally>,
+    pub prompt_cache: PromptCache,
     /// The model list never changes, so it is serialized once.
     models_body: Bytes,
 }
@@ -57,6 +60,8 @@ impl AppState {
             embeddings,
             latency,
             faults,
+            tally: Arc::default(),
+            prompt_cache: PromptCache::default(),
             models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()),
         }
     }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::answer::{Answer, PromptHash};
 use crate::api::{self, ApiError, AppState, Target};
@@ -82,12 +83,15 @@ struct CompletionTokensDetails {
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens: 0, audio_tokens: 0 },
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
+                audio_tokens: 0,
+            },
             completion_tokens_details: CompletionTokensDetails {
                 reasoning_tokens: 0,
                 audio_tokens: 0,
@@ -105,7 +109,11 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     output: Output,
-    usage: Usage,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    /// The prompt's leading messages (all but the last) and their length, for prompt caching.
+    prefix: [u8; 32],
+    prefix_tokens: usize,
 }
 
 async fn handle(state: &AppState, target: Target, headers: &HeaderMap, body: &[u8]) -> Response {
@@ -123,16 +131,21 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
         Ok(plan) => plan,
         Err(err) => return err.into_response(),
     };
+    let cached = state.prompt_cache.cached_tokens(p.prefix, p.prefix_tokens, p.prompt_tokens);
+    let usage = Usage::new(p.prompt_tokens, p.completion_tokens, cached);
+    let tally = state.tally.pending(headers, p.prompt_tokens, p.completion_tokens, cached);
     let id = format!("chatcmpl-sim{}{:016x}", p.hash.short(), fastrand::u64(..));
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
 
     if p.stream {
         sleep(plan.ttft).await;
         let meta = sse::Meta { id: &id, created, model: &p.model, include_usage: p.include_usage };
-        return sse::response(&meta, &p.output, &p.usage, plan.token_delay, plan.drop);
+        // Without `include_usage` the stream reports no usage, so there is nothing to tally.
+        let tally = tally.filter(|_| p.include_usage);
+        return sse::response(&meta, &p.output, &usage, plan.token_delay, plan.drop, tally);
     }
 
-    let tokens = u32::try_from(p.usage.completion_tokens).unwrap_or(u32::MAX);
+    let tokens = u32::try_from(p.completion_tokens).unwrap_or(u32::MAX);
     sleep(plan.ttft + plan.token_delay.saturating_mul(tokens)).await;
     if plan.drop {
         return faults::dropped_response();
@@ -160,8 +173,11 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
             logprobs: None,
             finish_reason: p.output.finish_reason(),
         }],
-        usage: &p.usage,
+        usage: &usage,
     };
+    if let Some(tally) = tally {
+        tally.report();
+    }
     api::json_response(StatusCode::OK, &completion)
 }
 
@@ -252,7 +268,15 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
 
     let mut counter = PromptCounter::new();
     let mut texts: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(messages.len());
+    let mut prefix = Sha256::new();
+    prefix.update(model.as_bytes());
+    let mut prefix_tokens = 0;
     for (i, msg) in messages.iter().enumerate() {
+        if i + 1 == messages.len() {
+            prefix_tokens = counter.total();
+        } else {
+            prefix.update(msg.to_string().as_bytes());
+        }
         let (role, text) = message(i, msg, &mut counter)?;
         texts.push((role, text));
     }
@@ -290,7 +314,17 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
         Output::ToolCall(call) => tokens::count(&call.name) + tokens::count(&call.arguments),
     };
 
-    Ok(Prepared { model, hash, stream, include_usage, output, usage: Usage::new(counter.total(), completion_tokens) })
+    Ok(Prepared {
+        model,
+        hash,
+        stream,
+        include_usage,
+        output,
+        prompt_tokens: counter.total(),
+        completion_tokens,
+        prefix: prefix.finalize().into(),
+        prefix_tokens,
+    })
 }
 
 /// Validates `messages[i]`, adds it to the prompt count, and returns its role

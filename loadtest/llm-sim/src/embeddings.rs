@@ -206,6 +206,9 @@ async fn respond(
         model,
         usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
     };
+    if let Some(tally) = state.tally.pending(headers, prompt_tokens, 0, 0) {
+        tally.report();
+    }
     api::json_response(StatusCode::OK, &list)
 }
 

@@ -12,6 +12,7 @@ mod faults;
 mod sse;
 mod tokens;
 mod tools;
+mod usage;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -151,6 +152,7 @@ async fn main() -> std::io::Result<()> {
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/sim/usage", get(usage::totals))
         .route("/v1/chat/completions", post(chat::openai))
         .route("/v1/embeddings", post(embeddings::openai))
         .route("/v1/models", get(api::models))

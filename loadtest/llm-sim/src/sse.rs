@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::chat::{Output, Usage};
 use crate::faults;
+use crate::usage::Pending;
 
 pub const SYSTEM_FINGERPRINT: &str = "fp_llmsim";
 
@@ -194,13 +195,23 @@ fn fragments(s: &str) -> impl Iterator<Item = &str> {
 
 /// The SSE response. `drop` sends the first content event and then fails the
 /// body, which makes hyper abort the connection mid-stream (no `[DONE]`).
-pub fn response(meta: &Meta<'_>, output: &Output, usage: &Usage, token_delay: Duration, drop: bool) -> Response {
+/// `tally` is reported when the usage chunk is sent.
+pub fn response(
+    meta: &Meta<'_>,
+    output: &Output,
+    usage: &Usage,
+    token_delay: Duration,
+    drop: bool,
+    tally: Option<Pending>,
+) -> Response {
     let Events { events, pieces } = events(meta, output, usage);
+    // The usage chunk comes just before `[DONE]`.
+    let usage_at = events.len().saturating_sub(2);
     // Events sent before a dropped connection dies: the role chunk and the
     // first content chunk.
     let drop_at = drop.then_some(2);
-    let state = (events.into_iter().enumerate(), false);
-    let body = stream::unfold(state, move |(mut iter, failed)| async move {
+    let state = (events.into_iter().enumerate(), false, tally);
+    let body = stream::unfold(state, move |(mut iter, failed, mut tally)| async move {
         if failed {
             return None;
         }
@@ -208,12 +219,17 @@ pub fn response(meta: &Meta<'_>, output: &Output, usage: &Usage, token_delay: Du
         if drop_at == Some(i) {
             // Let hyper flush what was sent so far before tearing down.
             tokio::task::yield_now().await;
-            return Some((Err(faults::drop_error()), (iter, true)));
+            return Some((Err(faults::drop_error()), (iter, true, None)));
         }
         if i >= 2 && i <= pieces && !token_delay.is_zero() {
             tokio::time::sleep(token_delay).await;
         }
-        Some((Ok(event), (iter, false)))
+        if i == usage_at
+            && let Some(tally) = tally.take()
+        {
+            tally.report();
+        }
+        Some((Ok(event), (iter, false, tally)))
     });
     (
         [
@@ -248,7 +264,7 @@ mod tests {
     }
 
     fn usage() -> Usage {
-        Usage::new(10, 5)
+        Usage::new(10, 5, 0)
     }
 
     #[test]
