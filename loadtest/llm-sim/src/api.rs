@@ -2,7 +2,7 @@
 //! middleware, route target resolution and the small static routes.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -39,7 +39,8 @@ pub struct AppState {
     api_key: Option<String>,
     pub embeddings: embeddings::Source,
     pub latency: Latency,
-    pub faults: FaultRates,
+    /// Changed at run time by `PUT /sim/faults`.
+    pub faults: RwLock<FaultRates>,
     pub tally: Arc<Tally>,
     pub prompt_cache: PromptCache,
     /// The model list never changes, so it is serialized once.
@@ -59,7 +60,7 @@ impl AppState {
             api_key,
             embeddings,
             latency,
-            faults,
+            faults: RwLock::new(faults),
             tally: Arc::default(),
             prompt_cache: PromptCache::default(),
             models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()),
@@ -89,6 +90,8 @@ pub struct ApiError {
     kind: &'static str,
     param: Option<Cow<'static, str>>,
     code: Option<&'static str>,
+    /// Seconds for a 429's `Retry-After`.
+    retry_after_secs: u64,
 }
 
 impl ApiError {
@@ -99,6 +102,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after_secs: 1,
         }
     }
 
@@ -131,13 +135,17 @@ impl ApiError {
         .code("invalid_type")
     }
 
-    pub fn rate_limited() -> Self {
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
-            message: "Rate limit reached for requests (simulated by llm-sim). Please try again in 1s.".into(),
+            message: format!(
+                "Rate limit reached for requests (simulated by llm-sim). Please try again in {retry_after_secs}s."
+            )
+            .into(),
             kind: "requests",
             param: None,
             code: Some("rate_limit_exceeded"),
+            retry_after_secs,
         }
     }
 
@@ -149,6 +157,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after_secs: 1,
         }
     }
 
@@ -160,6 +169,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after_secs: 1,
         }
     }
 
@@ -170,6 +180,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("invalid_api_key"),
+            retry_after_secs: 1,
         }
     }
 }
@@ -200,7 +211,7 @@ impl IntoResponse for ApiError {
         };
         let mut resp = json_response(self.status, &body);
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after_secs));
         }
         resp
     }
@@ -380,5 +391,6 @@ pub async fn not_found(method: Method, uri: Uri) -> ApiError {
         kind: "invalid_request_error",
         param: None,
         code: None,
+        retry_after_secs: 1,
     }
 }

@@ -1,13 +1,17 @@
 //! Latency and fault injection: CLI defaults, per-request header overrides,
 //! and the "drop the connection" bodies.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
+use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, AppState};
 
@@ -20,12 +24,63 @@ pub struct Latency {
     pub token_delay: Duration,
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct FaultRates {
     pub rate_429: f64,
     pub rate_500: f64,
     pub rate_slow: f64,
     pub rate_drop: f64,
+    #[serde(rename = "slow_ms", serialize_with = "as_millis")]
     pub slow: Duration,
+    /// The `Retry-After` of injected 429s.
+    pub retry_after_secs: u64,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u128(d.as_millis())
+}
+
+/// `PUT /sim/faults`: change the fault rates of a running simulator (a backend that starts
+/// throttling, failing, or recovers). Fields left out keep their value; answers the new settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultUpdate {
+    rate_429: Option<f64>,
+    rate_500: Option<f64>,
+    rate_slow: Option<f64>,
+    rate_drop: Option<f64>,
+    slow_ms: Option<u64>,
+    retry_after_secs: Option<u64>,
+}
+
+pub async fn update(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let update: FaultUpdate = match serde_json::from_slice(&body) {
+        Ok(update) => update,
+        Err(e) => return ApiError::invalid_request(format!("Invalid fault settings: {e}")).into_response(),
+    };
+    let mut faults = state.faults.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut next = *faults;
+    for (rate, value) in [
+        (&mut next.rate_429, update.rate_429),
+        (&mut next.rate_500, update.rate_500),
+        (&mut next.rate_slow, update.rate_slow),
+        (&mut next.rate_drop, update.rate_drop),
+    ] {
+        if let Some(value) = value {
+            *rate = value;
+        }
+    }
+    let total = next.rate_429 + next.rate_500 + next.rate_slow + next.rate_drop;
+    if [next.rate_429, next.rate_500, next.rate_slow, next.rate_drop].iter().any(|r| !(0.0..=1.0).contains(r))
+        || total > 1.0
+    {
+        return ApiError::invalid_request("Fault rates must each be within 0.0..=1.0 and sum to at most 1.0.")
+            .into_response();
+    }
+    next.slow = update.slow_ms.map_or(next.slow, Duration::from_millis);
+    next.retry_after_secs = update.retry_after_secs.unwrap_or(next.retry_after_secs);
+    *faults = next;
+    Json(next).into_response()
 }
 
 enum Fault {
@@ -61,12 +116,13 @@ pub fn plan(state: &AppState, headers: &HeaderMap) -> Result<Plan, ApiError> {
                 ));
             }
         }),
-        None => roll(&state.faults),
+        None => None,
     };
-    match fault {
-        Some(Fault::RateLimit) => Err(ApiError::rate_limited()),
+    let faults = *state.faults.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match fault.or_else(|| roll(&faults)) {
+        Some(Fault::RateLimit) => Err(ApiError::rate_limited(faults.retry_after_secs)),
         Some(Fault::ServerError) => Err(ApiError::server_error()),
-        Some(Fault::Slow) => Ok(Plan { ttft: ttft + state.faults.slow, token_delay, drop: false }),
+        Some(Fault::Slow) => Ok(Plan { ttft: ttft + faults.slow, token_delay, drop: false }),
         Some(Fault::Drop) => Ok(Plan { ttft, token_delay, drop: true }),
         None => Ok(Plan { ttft, token_delay, drop: false }),
     }

@@ -76,6 +76,10 @@ struct Cli {
     #[arg(long, env = "SIM_SLOW_MS", default_value_t = 2000)]
     slow_ms: u64,
 
+    /// The `Retry-After` (seconds) of injected 429s.
+    #[arg(long, env = "SIM_RETRY_AFTER_SECS", default_value_t = 1)]
+    retry_after_secs: u64,
+
     /// Fraction of requests whose connection is dropped (mid-stream for SSE).
     #[arg(long, env = "SIM_RATE_DROP", default_value_t = 0.0, value_parser = parse_rate)]
     rate_drop: f64,
@@ -121,6 +125,7 @@ async fn main() -> std::io::Result<()> {
             rate_slow: cli.rate_slow,
             rate_drop: cli.rate_drop,
             slow: Duration::from_millis(cli.slow_ms),
+            retry_after_secs: cli.retry_after_secs,
         },
     ));
 
@@ -153,6 +158,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/sim/usage", get(usage::totals))
+        .route("/sim/faults", axum::routing::put(faults::update))
         .route("/v1/chat/completions", post(chat::openai))
         .route("/v1/embeddings", post(embeddings::openai))
         .route("/v1/models", get(api::models))
