@@ -323,3 +323,41 @@ async fn embedded_ledger_keeps_its_totals_across_a_restart() {
     drop(restarted);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_cache_hit_counts_as_saved_tokens_not_backend_usage() {
+    // Hash embeddings from llm-sim: the same prompt is the same vector, so a sure hit.
+    let sim = Sim::start(&["--embedding-model", "none"]).await;
+    let toml = ledger_config(&sim).replace(
+        "[apis.open]",
+        r#"[apis.cached]
+kind = "openai"
+path = "/cached"
+backend = "openai"
+inbound = [{ policy = "semantic-cache-lookup", embeddings = { source = "backend", backend-id = "openai", model = "e" } }]
+outbound = [{ policy = "semantic-cache-store", duration = 600 }]
+
+[apis.open]"#,
+    );
+    let gateway = Gateway::start(&toml, &env()).await;
+    let (prompt, completion, total) = call(&gateway, "/cached", Some(KEY), "What does a ledger record?", false).await;
+    let (from, to) = range();
+    let query = format!("from={from}&to={to}");
+    // The ledger appends after the completion's policies, so the answer is stored by now.
+    chargeback_with(&gateway, &query, 1).await;
+    let response = client()
+        .post(format!("{}/cached/v1/chat/completions", gateway.url))
+        .header("api-key", KEY)
+        .json(&chat_body("What does a ledger record?", false))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(response.headers()["x-llm-cache-status"], "hit");
+    let report = chargeback_with(&gateway, &query, 2).await;
+    let t = &report["totals"];
+    assert_eq!((t["prompt_tokens"].clone(), t["completion_tokens"].clone()), (json!(prompt), json!(completion)));
+    assert_eq!(t["total_tokens"], total);
+    assert_eq!(t["saved_tokens"], prompt + completion);
+    let pico = prompt * INPUT_PICO + completion * OUTPUT_PICO;
+    assert_eq!((t["cost_usd"].clone(), t["saved_cost_usd"].clone()), (json!(usd(pico)), json!(usd(pico))));
+}
