@@ -361,3 +361,38 @@ outbound = [{ policy = "semantic-cache-store", duration = 600 }]
     let pico = prompt * INPUT_PICO + completion * OUTPUT_PICO;
     assert_eq!((t["cost_usd"].clone(), t["saved_cost_usd"].clone()), (json!(usd(pico)), json!(usd(pico))));
 }
+
+#[tokio::test]
+async fn instances_sharing_redis_share_one_ledger_that_the_cli_reads() {
+    let redis = common::RedisServer::start().await;
+    let sim = Sim::start(&[]).await;
+    let toml = format!("{}\n[redis]\nurl = \"{}\"\ntimeout-ms = 2000\n", ledger_config(&sim), redis.url());
+    let one = Gateway::start(&toml, &env()).await;
+    let two = Gateway::start(&toml, &env()).await;
+    let mut prompt_tokens = 0;
+    for (gateway, prompt, stream) in
+        [(&one, "Through one.", false), (&two, "Through two.", true), (&one, "Again.", true)]
+    {
+        prompt_tokens += call(gateway, "", Some(KEY), prompt, stream).await.0;
+    }
+    let (from, to) = range();
+    let query = format!("from={from}&to={to}");
+    let through_one = chargeback_with(&one, &query, 3).await;
+    let through_two = chargeback_with(&two, &query, 3).await;
+    assert_eq!(through_one, through_two);
+    assert_eq!(through_one["totals"]["prompt_tokens"], prompt_tokens);
+    // Neither instance wrote a journal.
+    assert!(!one.workdir.join("aigw-data").exists());
+
+    let output = Command::new(aigw_bin())
+        .current_dir(fresh_dir("cli"))
+        .args(["chargeback", "--format", "json", "--from", &from, "--to", &to, "--config"])
+        .arg(&one.config_path)
+        .envs(env())
+        .output()
+        .expect("aigw chargeback");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let cli: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(cli["rows"], through_one["rows"]);
+    assert_eq!(cli["totals"], through_one["totals"]);
+}
