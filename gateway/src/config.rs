@@ -30,6 +30,57 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Where the usage ledger is kept when there is no `[redis]`.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    /// Prices per model, keyed by the model name requests carry (`[prices."gpt-4o"]`), for the
+    /// chargeback query; applied when the query runs, so a change reprices past usage too.
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceConfig>,
+    /// The admin API (`/admin/chargeback`); without it `/admin/*` answers 403.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// The embedded usage ledger (ignored when `[redis]` is configured: the ledger is then in Redis).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct LedgerConfig {
+    /// The journal file; relative to the working directory; its directories are created.
+    /// `<path>.lock` next to it keeps a second gateway off the same journal.
+    pub path: std::path::PathBuf,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self { path: "aigw-data/ledger.jsonl".into() }
+    }
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PriceConfig {
+    /// Prompt tokens not served from the backend's prompt cache.
+    pub input: f64,
+    /// Completion tokens.
+    pub output: f64,
+    /// Prompt tokens served from the backend's prompt cache; defaults to `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+/// The admin key, held like a subscription key: set exactly one of the two. It must differ from
+/// every subscription key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminConfig {
+    /// Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Name of an environment variable that holds the plain key.
+    #[serde(default)]
+    pub key_env: Option<String>,
 }
 
 /// The semantic cache's store (in Redis when `[redis]` is set, else in this process's memory).
@@ -73,6 +124,11 @@ fn default_breaker_cooldown_ms() -> u64 {
 impl RedisConfig {
     pub fn resolved_url(&self, env: EnvLookup<'_>) -> Option<String> {
         self.url.clone().or_else(|| self.url_env.as_deref().and_then(env))
+    }
+
+    /// The URL, or the error that names the unset variable's field.
+    pub fn url(&self, env: EnvLookup<'_>) -> Result<String, ConfigError> {
+        self.resolved_url(env).ok_or_else(|| ConfigError::at("redis.url-env", "the variable is not set"))
     }
 }
 
@@ -525,20 +581,9 @@ impl Config {
                     return Err(ConfigError::at(at(&format!("apis[{j}]")), unknown("API", api, self.apis.keys())));
                 }
             }
-            match (&sub.key_sha256, &sub.key_env) {
-                (Some(hash), None) => {
-                    let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
-                    if !valid {
-                        return Err(ConfigError::at(
-                            at("key-sha256"),
-                            "must be 64 hex digits (the SHA-256 of the key)",
-                        ));
-                    }
-                }
-                (None, Some(var)) => require_env(env, var, &at("key-env"))?,
-                _ => return Err(ConfigError::at(at("key-sha256"), "set exactly one of key-sha256 and key-env")),
-            }
+            validate_key_source(&sub.key_sha256, &sub.key_env, env, &at)?;
         }
+        self.validate_ledger(env)?;
 
         let mut paths = std::collections::HashMap::new();
         for (id, api) in &self.apis {
@@ -547,6 +592,9 @@ impl Config {
                 || (api.path.starts_with('/') && !api.path.ends_with('/') && !api.path.contains(['{', '}', '*', '?']));
             if !path_ok {
                 return Err(ConfigError::at(at("path"), "must be empty or start with '/' and not end with '/'"));
+            }
+            if api.path == "/admin" || api.path.starts_with("/admin/") {
+                return Err(ConfigError::at(at("path"), "/admin is reserved for the gateway's admin API"));
             }
             if api.kind == ApiKind::Http && api.path.is_empty() {
                 return Err(ConfigError::at(at("path"), "an http API needs a path prefix such as \"/agents\""));
@@ -661,6 +709,61 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    fn validate_ledger(&self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        if self.ledger.path.as_os_str().is_empty() {
+            return Err(ConfigError::at("ledger.path", "must not be empty"));
+        }
+        for (model, price) in &self.prices {
+            let at = |field: &str| format!("prices.{model:?}.{field}");
+            let fields =
+                [("input", Some(price.input)), ("output", Some(price.output)), ("cached-input", price.cached_input)];
+            for (field, value) in fields {
+                if value.is_some_and(|v| !(0.0..=1_000_000.0).contains(&v)) {
+                    return Err(ConfigError::at(
+                        at(field),
+                        "must be a price in USD per million tokens, from 0 to 1000000",
+                    ));
+                }
+            }
+        }
+        let Some(admin) = &self.admin else { return Ok(()) };
+        validate_key_source(&admin.key_sha256, &admin.key_env, env, &|field| format!("admin.{field}"))?;
+        let admin_key = crate::subscription::KeyDigest::from_config(&admin.key_sha256, &admin.key_env, env);
+        for sub in &self.subscriptions {
+            if admin_key.is_some()
+                && admin_key == crate::subscription::KeyDigest::from_config(&sub.key_sha256, &sub.key_env, env)
+            {
+                return Err(ConfigError::at(
+                    "admin",
+                    format!("the admin key is subscription {:?}'s key: give the admin API a key of its own", sub.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key held as a SHA-256 digest or in an environment variable (subscriptions, the admin key).
+fn validate_key_source(
+    key_sha256: &Option<String>,
+    key_env: &Option<String>,
+    env: EnvLookup<'_>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    match (key_sha256, key_env) {
+        (Some(hash), None) => {
+            let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid {
+                return Err(ConfigError::at(at("key-sha256"), "must be 64 hex digits (the SHA-256 of the key)"));
+            }
+            Ok(())
+        }
+        (None, Some(var)) => require_env(env, var, &at("key-env")),
+        _ => Err(ConfigError::at(at("key-sha256"), "set exactly one of key-sha256 and key-env")),
     }
 }
 

@@ -5,6 +5,8 @@
 //! clients written against APIM read them too. Messages never contain secrets: a subscription key
 //! or backend key is never put into an error.
 
+use std::borrow::Cow;
+
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
@@ -22,7 +24,7 @@ pub enum GatewayError {
     /// The request is malformed; `param` names the offending field like OpenAI does.
     InvalidRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<Cow<'static, str>>,
     },
     BodyTooLarge {
         limit: usize,
@@ -63,17 +65,30 @@ pub enum GatewayError {
     },
     /// The shared counter store is unavailable and the policy fails closed.
     LimitStoreUnavailable,
+    /// `/admin/*` without an `[admin]` key configured.
+    AdminApiDisabled,
+    MissingAdminKey,
+    InvalidAdminKey,
+    /// The usage ledger could not be read (`detail` carries no secrets: error kinds only).
+    LedgerUnavailable {
+        detail: String,
+    },
     Internal,
 }
 
 impl GatewayError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self::InvalidRequest { message: message.into(), param }
+        Self::InvalidRequest { message: message.into(), param: param.map(Cow::Borrowed) }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingSubscriptionKey | Self::InvalidSubscriptionKey => StatusCode::UNAUTHORIZED,
+            Self::MissingSubscriptionKey
+            | Self::InvalidSubscriptionKey
+            | Self::MissingAdminKey
+            | Self::InvalidAdminKey => StatusCode::UNAUTHORIZED,
+            Self::AdminApiDisabled => StatusCode::FORBIDDEN,
+            Self::LedgerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -106,6 +121,10 @@ impl GatewayError {
             Self::RateLimitExceeded { .. } => "rate_limit_exceeded",
             Self::CallQuotaExceeded { .. } => "call_quota_exceeded",
             Self::LimitStoreUnavailable => "limit_store_unavailable",
+            Self::AdminApiDisabled => "admin_api_disabled",
+            Self::MissingAdminKey => "missing_admin_key",
+            Self::InvalidAdminKey => "invalid_admin_key",
+            Self::LedgerUnavailable { .. } => "ledger_unavailable",
             Self::Internal => "internal_error",
         }
     }
@@ -154,6 +173,21 @@ impl GatewayError {
             Self::LimitStoreUnavailable => {
                 "The limit counters are unavailable, and this API refuses requests until they are back.".to_owned()
             }
+            Self::AdminApiDisabled => "The admin API is disabled. Enable it by setting an admin key in the \
+                configuration: [admin] key-env = \"AIGW_ADMIN_KEY\" (a variable holding the key) or key-sha256 = \
+                \"<sha-256 of the key>\"."
+                .to_owned(),
+            Self::MissingAdminKey => {
+                "Access denied due to missing admin key. Send it as `Authorization: Bearer <key>` \
+                or `api-key: <key>`."
+                    .to_owned()
+            }
+            Self::InvalidAdminKey => "Access denied due to invalid admin key. The admin API takes the key set in \
+                [admin], not a subscription key."
+                .to_owned(),
+            Self::LedgerUnavailable { detail } => {
+                format!("The usage ledger could not be read ({detail}). Try again shortly.")
+            }
             Self::Internal => "The gateway hit an internal error.".to_owned(),
         }
     }
@@ -169,9 +203,9 @@ impl GatewayError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
-            Self::InvalidRequest { param, .. } => *param,
+            Self::InvalidRequest { param, .. } => param.as_deref(),
             _ => None,
         }
     }
@@ -182,7 +216,7 @@ impl GatewayError {
         struct Inner<'a> {
             message: &'a str,
             r#type: &'static str,
-            param: Option<&'static str>,
+            param: Option<&'a str>,
             code: &'static str,
         }
         #[derive(Serialize)]

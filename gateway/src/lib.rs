@@ -3,6 +3,7 @@
 //! through, `config` the document that declares it all.
 
 pub mod access_log;
+pub mod admin;
 pub mod backend;
 pub mod cache;
 pub mod client_ip;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod embed;
 pub mod error;
+pub mod ledger;
 pub mod openai;
 pub mod policy;
 pub mod quickstart;

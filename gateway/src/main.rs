@@ -1,6 +1,6 @@
 //! `aigw`: run the gateway (`serve`), try it on one command (`quickstart`), validate a
-//! configuration document (`check-config`), or measure the semantic cache's hit decision on
-//! labelled prompt pairs (`cache-eval`).
+//! configuration document (`check-config`), measure the semantic cache's hit decision on
+//! labelled prompt pairs (`cache-eval`), or report usage and cost per team (`chargeback`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,6 +61,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tokens and cost per team (or subscription, model, day, API) from the usage ledger: Redis
+    /// when the configuration has [redis], else the journal file (read while the gateway runs).
+    Chargeback {
+        #[arg(long, env = "AIGW_CONFIG")]
+        config: PathBuf,
+        /// Start, inclusive: YYYY-MM-DD (UTC) or an RFC 3339 timestamp; default: the first of this month.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive: YYYY-MM-DD (UTC) or an RFC 3339 timestamp; default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// team, subscription, model, day or api; default: team.
+        #[arg(long)]
+        group_by: Option<String>,
+        /// table, csv or json; default: table.
+        #[arg(long)]
+        format: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +86,11 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::CheckConfig { file } => return check_config(file),
         Command::CacheEval { pairs, config, json } => return cache_eval(pairs, config.as_deref(), *json),
+        Command::Chargeback { config, from, to, group_by, format } => {
+            let options = [("from", from), ("to", to), ("group-by", group_by), ("format", format)];
+            let given = options.iter().filter_map(|(name, value)| Some((*name, value.as_deref()?)));
+            return chargeback(config, given);
+        }
         _ => {}
     }
     init_logs();
@@ -139,6 +162,44 @@ fn cache_eval(pairs: &Path, config: Option<&Path>, json: bool) -> ExitCode {
     }
 }
 
+/// Prints the report on stdout; bad options exit 2 with the message on stderr.
+fn chargeback<'a>(path: &Path, options: impl Iterator<Item = (&'a str, &'a str)>) -> ExitCode {
+    use aigw::ledger::chargeback::{Asker, Prices, Query, Report};
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load(path, &env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let query = match Query::parse(options, Asker::Cli, jiff::Timestamp::now()) {
+        Ok(query) => query,
+        Err(e) => {
+            eprintln!("aigw chargeback: --{}: {e}", e.param);
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("aigw: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (from, to) = query.hours();
+    match runtime.block_on(aigw::ledger::read_buckets(&config, &env, from, to)) {
+        Ok(buckets) => {
+            print!("{}", Report::new(&query, &buckets, &Prices::from_config(&config.prices)).render().1);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aigw chargeback: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -194,7 +255,9 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { .. } | Command::CacheEval { .. } => unreachable!("handled before the runtime starts"),
+        Command::CheckConfig { .. } | Command::CacheEval { .. } | Command::Chargeback { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     };
 
     let listen = config.server.listen;

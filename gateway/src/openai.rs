@@ -272,7 +272,13 @@ mod tests {
 
     fn bad(raw: &str) -> (String, Option<&'static str>) {
         match ChatRequest::parse(raw.as_bytes(), None) {
-            Err(GatewayError::InvalidRequest { message, param }) => (message, param),
+            Err(GatewayError::InvalidRequest { message, param }) => (
+                message,
+                param.map(|p| match p {
+                    std::borrow::Cow::Borrowed(p) => p,
+                    std::borrow::Cow::Owned(p) => panic!("validation names fields statically, not {p:?}"),
+                }),
+            ),
             other => panic!("expected a 400, got {other:?}"),
         }
     }

@@ -32,16 +32,19 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::access_log::RequestLog;
+use crate::admin;
 use crate::backend::Backend;
 use crate::cache::{self, CacheDeps, store::CacheLimits, store::CacheStore};
 use crate::client_ip::{Cidr, TrustedProxies};
 use crate::config::{ApiKind, Config, ConfigError, EnvLookup, PolicyConfig};
 use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
+use crate::ledger::chargeback::Prices;
 use crate::policy::{Pipeline, PolicyDeps};
 use crate::store::redis::RedisStore;
 use crate::store::{Clock, Counters, SystemClock};
-use crate::subscription::SubscriptionStore;
+use crate::subscription::{KeyDigest, SubscriptionStore};
 
 pub struct Gateway {
     pub config: Config,
@@ -51,13 +54,15 @@ pub struct Gateway {
     log: RequestLog,
     counters: Arc<Counters>,
     proxies: Arc<TrustedProxies>,
+    ledger: Arc<Ledger>,
+    admin_key: Option<KeyDigest>,
 }
 
 /// The counter store, chosen once: Redis when configured (shared by every instance), else memory.
 fn counters(config: &Config, env: EnvLookup<'_>) -> Result<Counters, ConfigError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let Some(redis) = &config.redis else { return Ok(Counters::in_memory(clock)) };
-    let url = redis.resolved_url(env).ok_or_else(|| ConfigError::at("redis.url-env", "the variable is not set"))?;
+    let url = redis.url(env)?;
     let store = RedisStore::new(
         &url,
         Duration::from_millis(redis.timeout_ms),
@@ -78,7 +83,7 @@ fn cache_store(config: &Config, env: EnvLookup<'_>) -> Result<Option<Arc<dyn Cac
     }
     let limits = CacheLimits { max_entries_per_partition: config.cache.max_entries_per_partition };
     let Some(redis) = &config.redis else { return Ok(Some(cache::store::memory(limits))) };
-    let url = redis.resolved_url(env).ok_or_else(|| ConfigError::at("redis.url-env", "the variable is not set"))?;
+    let url = redis.url(env)?;
     let timeout = Duration::from_millis(redis.timeout_ms);
     let store = cache::store::redis(&url, timeout, Duration::from_millis(redis.breaker_cooldown_ms), limits)
         .map_err(|e| ConfigError::at("redis.url", e))?;
@@ -132,11 +137,14 @@ impl Gateway {
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
         let counters = Arc::new(counters(&config, env)?);
         let cache = CacheDeps::new(cache_store(&config, env)?, backends.clone());
+        let ledger = Arc::new(Ledger::open(&config, env)?);
+        let admin_key = config.admin.as_ref().and_then(|a| KeyDigest::from_config(&a.key_sha256, &a.key_env, env));
         let deps = PolicyDeps {
             backends: &backends,
             subscriptions: &subscriptions,
             counters: &counters,
             cache: &cache,
+            ledger: &ledger,
             max_body_bytes: config.server.max_body_bytes,
             log: log.clone(),
             tasks: shared.tasks.clone(),
@@ -148,7 +156,7 @@ impl Gateway {
         }
         let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
         let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
-        Ok(Self { config, backends, apis, shared, log, counters, proxies })
+        Ok(Self { config, backends, apis, shared, log, counters, proxies, ledger, admin_key })
     }
 
     pub fn router(&self, instance: &str) -> Router {
@@ -158,7 +166,8 @@ impl Gateway {
         let mut router = Router::new()
             .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
             .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())))
-            .route("/metrics", get(move || metrics(counters.clone())));
+            .route("/metrics", get(move || metrics(counters.clone())))
+            .merge(admin::routes(self.admin_key, self.ledger.clone(), Prices::from_config(&self.config.prices)));
         for (kind, prefix, pipeline) in &self.apis {
             match kind {
                 ApiKind::Openai => {
@@ -294,6 +303,8 @@ impl Gateway {
                 "shutdown grace period over; exiting with accounting unfinished"
             );
         }
+        // After in-flight requests, whose completions append to it.
+        self.ledger.flush().await;
         self.log.flush();
         Ok(())
     }

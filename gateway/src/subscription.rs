@@ -30,6 +30,30 @@ impl Subscription {
 
 type Digest32 = [u8; 32];
 
+/// A key as the gateway holds it: its SHA-256 digest (subscription keys, the admin key).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyDigest(Digest32);
+
+impl KeyDigest {
+    /// From validated config: `key-sha256`, else the key in the `key-env` variable.
+    pub fn from_config(key_sha256: &Option<String>, key_env: &Option<String>, env: EnvLookup<'_>) -> Option<Self> {
+        match (key_sha256, key_env) {
+            (Some(hex_digest), _) => {
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(hex_digest, &mut digest).ok()?;
+                Some(Self(digest))
+            }
+            (None, Some(var)) => Some(Self(sha256(env(var).unwrap_or_default().as_bytes()))),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether `key` is this key, compared in constant time.
+    pub fn matches(&self, key: &str) -> bool {
+        bool::from(self.0.ct_eq(&sha256(key.as_bytes())))
+    }
+}
+
 #[derive(Default)]
 pub struct SubscriptionStore {
     by_prefix: HashMap<u64, Vec<(Digest32, Arc<Subscription>)>>,
@@ -44,15 +68,8 @@ impl SubscriptionStore {
     pub fn from_config(subscriptions: &[SubscriptionConfig], env: EnvLookup<'_>) -> Self {
         let mut store = Self::default();
         for config in subscriptions {
-            let digest = match (&config.key_sha256, &config.key_env) {
-                (Some(hex_digest), _) => {
-                    let mut digest = [0u8; 32];
-                    // Validation guarantees 64 hex digits.
-                    let _ = hex::decode_to_slice(hex_digest, &mut digest);
-                    digest
-                }
-                (None, Some(var)) => sha256(env(var).unwrap_or_default().as_bytes()),
-                (None, None) => continue,
+            let Some(KeyDigest(digest)) = KeyDigest::from_config(&config.key_sha256, &config.key_env, env) else {
+                continue;
             };
             let subscription = Arc::new(Subscription {
                 id: config.id.clone(),
@@ -92,19 +109,8 @@ fn prefix(digest: &Digest32) -> u64 {
 /// The key a caller presented: `Ocp-Apim-Subscription-Key`, `api-key`, `Authorization: Bearer`, or the
 /// `subscription-key` query parameter. Empty values count as absent.
 pub fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
-    for name in KEY_HEADERS {
-        if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
-            return Some(value.into());
-        }
-    }
-    if let Some(value) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let mut parts = value.trim().splitn(2, ' ');
-        if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
-            let token = token.trim();
-            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
-                return Some(token.into());
-            }
-        }
+    if let Some(value) = KEY_HEADERS.iter().find_map(|name| header_key(headers, name)).or_else(|| bearer_key(headers)) {
+        return Some(value.into());
     }
     query
         .into_iter()
@@ -112,6 +118,19 @@ pub fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Opti
         .filter_map(|pair| pair.split_once('='))
         .find(|(name, value)| *name == KEY_QUERY_PARAM && !value.is_empty())
         .map(|(_, value)| percent_decode(value))
+}
+
+/// A header's value, trimmed; empty counts as absent.
+pub fn header_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn percent_decode(value: &str) -> std::borrow::Cow<'_, str> {

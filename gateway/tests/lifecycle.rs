@@ -88,6 +88,7 @@ async fn start_up_failures_say_what_to_do() {
     let (_sim, gw) = start_pair(&[], "").await;
     let taken = gw.url.trim_start_matches("http://").to_owned();
     let mut command = Command::new(aigw_bin());
+    command.current_dir(fresh_dir("second"));
     command.args(["serve", "--config"]).arg(&gw.config_path).args(["--listen", &taken]);
     command.env("SIM_BACKEND_KEY", "k").env("OTHER_KEY", "k");
     let mut second = Proc::spawn(command);
@@ -124,6 +125,7 @@ async fn start_up_failures_say_what_to_do() {
 #[tokio::test]
 async fn quickstart_runs_on_one_command_with_the_given_key() {
     let mut command = Command::new(aigw_bin());
+    command.current_dir(fresh_dir("quickstart"));
     command.args(["quickstart", "--listen", "127.0.0.1:0", "--sim", sim_bin().to_str().expect("utf-8")]);
     command.env("AIGW_DEMO_KEY", "my-demo-key").env_remove("AIGW_LISTEN");
     let mut proc = Proc::spawn(command);

@@ -264,6 +264,7 @@ async fn a_missing_local_model_is_a_clear_start_up_error() {
     );
     let path = write_config(&toml);
     let output = std::process::Command::new(aigw_bin())
+        .current_dir(fresh_dir("no-model"))
         .args(["serve", "--config"])
         .arg(&path)
         .args(["--listen", "127.0.0.1:0"])

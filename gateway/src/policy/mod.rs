@@ -11,8 +11,9 @@
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
 //! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
-//!    client left), with the usage known. Accounting (token limits, metrics, the ledger) hooks in
-//!    here. Then the request log line is written.
+//!    client left), with the usage known, and always off the response path (in a task of its
+//!    own). Accounting (token limits, metrics) hooks in here; then the call's usage is appended
+//!    to the ledger, and the request log line is written.
 //!
 //! A client that disconnects cannot cut steps 2-5 short: the server moves a run whose client went
 //! away into a task of its own (see `server::CompleteOnDrop`), and a streamed response is relayed
@@ -47,6 +48,7 @@ use crate::cache::CacheDeps;
 use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
 use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
 use crate::sse::SseRelay;
 use crate::store::Counters;
@@ -90,11 +92,6 @@ pub trait Policy: Send + Sync {
         false
     }
 
-    /// Whether `completed` does work (accounting), so the pipeline runs it off the response path.
-    fn has_completion(&self) -> bool {
-        false
-    }
-
     async fn completed(&self, _ctx: &RequestContext) {}
 }
 
@@ -108,8 +105,7 @@ pub struct Pipeline {
     max_body_bytes: usize,
     log: RequestLog,
     tasks: TaskTracker,
-    /// Some policy accounts in `completed`: run it after the response, not before.
-    defer_completion: bool,
+    ledger: Arc<Ledger>,
 }
 
 /// What policies are built with, besides their own config.
@@ -118,6 +114,7 @@ pub struct PolicyDeps<'a> {
     pub subscriptions: &'a Arc<SubscriptionStore>,
     pub counters: &'a Arc<Counters>,
     pub cache: &'a CacheDeps,
+    pub ledger: &'a Arc<Ledger>,
     pub max_body_bytes: usize,
     pub log: RequestLog,
     pub tasks: TaskTracker,
@@ -167,7 +164,6 @@ impl Pipeline {
         inbound.extend(section(&config.inbound)?);
         let outbound = section(&config.outbound)?;
         let on_error = section(&config.on_error)?;
-        let defer_completion = inbound.iter().chain(&outbound).chain(&on_error).any(|p| p.has_completion());
         Ok(Self {
             api: Arc::new(ApiInfo { id: id.to_owned() }),
             inbound,
@@ -177,13 +173,13 @@ impl Pipeline {
             max_body_bytes: deps.max_body_bytes,
             log: deps.log.clone(),
             tasks: deps.tasks.clone(),
-            defer_completion,
+            ledger: deps.ledger.clone(),
         })
     }
 
     /// Runs one request and returns its response. A stream is relayed, completed and logged by a
-    /// task of its own; so is the completion of a JSON answer when it has accounting to do (a
-    /// store round trip); otherwise it is done before returning, which costs nothing.
+    /// task of its own; a JSON answer is completed by a task of its own too, as every completion
+    /// appends to the ledger (a store round trip with Redis).
     pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body) -> Response {
         let (mut response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
             Ok(ready) => ready,
@@ -202,11 +198,10 @@ impl Pipeline {
                     this.complete(&ctx).await;
                 });
             }
-            None if self.defer_completion => {
+            None => {
                 let this = self.clone();
                 self.tasks.spawn(async move { this.complete(&ctx).await });
             }
-            None => self.complete(&ctx).await,
         }
         response
     }
@@ -215,6 +210,7 @@ impl Pipeline {
         for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
             policy.completed(ctx).await;
         }
+        self.ledger.record(ctx).await;
         self.log.record(ctx);
     }
 

@@ -307,10 +307,6 @@ impl Policy for SemanticCacheStore {
         ctx.cache.as_ref().is_some_and(|state| state.pending.is_some())
     }
 
-    fn has_completion(&self) -> bool {
-        true
-    }
-
     /// Stores a complete, successful answer once the exchange is over (for a stream: after its
     /// last chunk), off the response path.
     async fn completed(&self, ctx: &RequestContext) {

@@ -149,10 +149,6 @@ impl Policy for TokenLimit {
         }
     }
 
-    fn has_completion(&self) -> bool {
-        true
-    }
-
     async fn completed(&self, ctx: &RequestContext) {
         let Some(reservation) = ctx.reservation(self.id) else { return };
         let succeeded = (200..300).contains(&ctx.outcome.status);

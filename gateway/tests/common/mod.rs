@@ -154,6 +154,10 @@ pub struct Gateway {
     pub proc: Proc,
     pub url: String,
     pub config_path: PathBuf,
+    /// The process's working directory (where relative paths such as the default ledger land).
+    pub workdir: PathBuf,
+    /// Whether `workdir` was made for this gateway alone, and is removed with it.
+    owns_workdir: bool,
 }
 
 static CONFIGS: AtomicUsize = AtomicUsize::new(0);
@@ -165,10 +169,28 @@ pub fn write_config(toml: &str) -> PathBuf {
     path
 }
 
+/// A new empty directory under the system's temp directory.
+pub fn fresh_dir(label: &str) -> PathBuf {
+    let n = CONFIGS.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("aigw-test-{}-{n}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
 impl Gateway {
+    /// Starts a gateway in a working directory of its own, removed when it is dropped.
     pub async fn start(toml: &str, env: &[(&str, &str)]) -> Self {
+        let mut gateway = Self::start_in(&fresh_dir("wd"), toml, env).await;
+        gateway.owns_workdir = true;
+        gateway
+    }
+
+    /// Starts a gateway in `workdir`, which outlives it (restart tests).
+    pub async fn start_in(workdir: &std::path::Path, toml: &str, env: &[(&str, &str)]) -> Self {
         let config_path = write_config(toml);
         let mut command = Command::new(aigw_bin());
+        command.current_dir(workdir);
         command.args(["serve", "--config"]).arg(&config_path).args(["--listen", "127.0.0.1:0"]);
         command.env_remove("AIGW_LISTEN").env_remove("HOSTNAME").env_remove("WEBSITE_INSTANCE_ID");
         command.env("RUST_LOG", "info");
@@ -179,13 +201,19 @@ impl Gateway {
         let line = proc.wait_line("aigw's listening line", |l| l.contains("\"aigw listening\"")).await;
         let log: Value = serde_json::from_str(&line).expect("json");
         let url = format!("http://{}", log["addr"].as_str().expect("addr"));
-        Self { proc, url, config_path }
+        Self { proc, url, config_path, workdir: workdir.to_owned(), owns_workdir: false }
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.config_path);
+        if self.owns_workdir {
+            // Stop the process first: it may still be writing there.
+            let _ = self.proc.child.kill();
+            let _ = self.proc.child.wait();
+            let _ = std::fs::remove_dir_all(&self.workdir);
+        }
     }
 }
 
