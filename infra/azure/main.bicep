@@ -8,8 +8,8 @@
 //
 // Secrets live in Key Vault and are read by the managed identity (Key Vault references), so no
 // secret value passes through this template. Expected vault secrets: `aoai-api-key` (the Azure
-// OpenAI key; aigw authenticates to backends with an api-key header) and `aigw-admin-key` (the
-// platform subscription key). The identity also pulls the image when `registryServer` is set.
+// OpenAI key; aigw authenticates to backends with an api-key header), `aigw-platform-key` (the
+// platform subscription key) and `aigw-admin-key` (the admin API's key, for /admin/chargeback). The identity also pulls the image when `registryServer` is set.
 
 targetScope = 'resourceGroup'
 
@@ -26,7 +26,7 @@ param image string
 @description('Azure OpenAI resource endpoint the gateway fronts, e.g. https://my-resource.openai.azure.com.')
 param azureOpenAiEndpoint string
 
-@description('Key Vault (in this resource group, RBAC authorization) holding aoai-api-key and aigw-admin-key.')
+@description('Key Vault (in this resource group, RBAC authorization) holding aoai-api-key, aigw-platform-key and aigw-admin-key.')
 param keyVaultName string
 
 @description('Azure Container Registry login server for the image (empty for a public image).')
@@ -61,6 +61,9 @@ id = "platform-admin"
 name = "Platform team"
 team = "platform"
 apis = ["*"]
+key-env = "AIGW_PLATFORM_KEY"
+
+[admin]
 key-env = "AIGW_ADMIN_KEY"
 
 [apis.aoai]
@@ -154,6 +157,11 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
           identity: identity.id
         }
         {
+          name: 'aigw-platform-key'
+          keyVaultUrl: '${vault.properties.vaultUri}secrets/aigw-platform-key'
+          identity: identity.id
+        }
+        {
           name: 'aigw-admin-key'
           keyVaultUrl: '${vault.properties.vaultUri}secrets/aigw-admin-key'
           identity: identity.id
@@ -171,6 +179,7 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
             { name: 'AIGW_LISTEN', value: '0.0.0.0:8080' }
             { name: 'RUST_LOG', value: 'info' }
             { name: 'AOAI_API_KEY', secretRef: 'aoai-api-key' }
+            { name: 'AIGW_PLATFORM_KEY', secretRef: 'aigw-platform-key' }
             { name: 'AIGW_ADMIN_KEY', secretRef: 'aigw-admin-key' }
           ]
           resources: {

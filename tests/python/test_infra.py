@@ -14,7 +14,7 @@ INFRA = REPO / "infra"
 
 
 def check_config(path, env_vars: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **{name: "placeholder-value" for name in env_vars})
+    env = dict(os.environ, **{name: f"placeholder-{name.lower()}" for name in env_vars})
     return subprocess.run(
         [str(BIN_DIR / "aigw"), "check-config", str(path)], env=env, capture_output=True, text=True, timeout=30
     )
@@ -30,7 +30,7 @@ def test_k8s_configmap_config_is_valid(tmp_path):
     configmap = yaml.safe_load((INFRA / "k8s" / "configmap.yaml").read_text())
     path = tmp_path / "config.toml"
     path.write_text(configmap["data"]["config.toml"])
-    done = check_config(path, ["AOAI_API_KEY", "AIGW_ADMIN_KEY"])
+    done = check_config(path, ["AOAI_API_KEY", "AIGW_PLATFORM_KEY", "AIGW_ADMIN_KEY"])
     assert done.returncode == 0, done.stderr
 
 

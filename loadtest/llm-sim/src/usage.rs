@@ -3,8 +3,9 @@
 //!
 //! Tally: a request carrying `x-sim-tally: <tag>` adds its usage to the tag's totals when that
 //! usage is actually sent (a JSON body; a stream's usage chunk; nothing for a dropped response),
-//! and `GET /sim/usage` returns every tag's totals. Tests compare a gateway's own accounting to
-//! them, to the token: it is the figure a provider would invoice.
+//! and `GET /sim/usage` returns every tag's totals, with the tag's requests still in progress
+//! (`in_flight`). Tests compare a gateway's own accounting to them, to the token: it is the figure
+//! a provider would invoice.
 //!
 //! Prompt caching: like OpenAI, prompts of 1024 tokens or more whose leading messages (all but
 //! the last) were seen recently report those tokens, in 128-token increments, as
@@ -35,28 +36,47 @@ pub struct Totals {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cached_tokens: u64,
+    /// Requests being answered: their usage is not reported yet.
+    pub in_flight: u64,
 }
 
 /// Usage totals per tag.
 #[derive(Default)]
 pub struct Tally(Mutex<BTreeMap<String, Totals>>);
 
-/// One response's usage, to be added to its tag's totals once it is sent.
+/// One response's usage, to be added to its tag's totals once it is sent; in flight until then
+/// (a response dropped before its usage went out leaves without adding anything).
 pub struct Pending {
     tally: Arc<Tally>,
     tag: String,
-    usage: Totals,
+    usage: Option<Totals>,
 }
 
 impl Pending {
-    pub fn report(self) {
+    pub fn report(mut self) {
+        self.settle();
+    }
+
+    fn settle(&mut self) {
         let mut tags = self.tally.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let totals = tags.entry(self.tag).or_default();
-        totals.requests += 1;
-        totals.prompt_tokens += self.usage.prompt_tokens;
-        totals.completion_tokens += self.usage.completion_tokens;
-        totals.total_tokens += self.usage.total_tokens;
-        totals.cached_tokens += self.usage.cached_tokens;
+        let totals = tags.entry(std::mem::take(&mut self.tag)).or_default();
+        totals.in_flight = totals.in_flight.saturating_sub(1);
+        if let Some(usage) = self.usage.take() {
+            totals.requests += 1;
+            totals.prompt_tokens += usage.prompt_tokens;
+            totals.completion_tokens += usage.completion_tokens;
+            totals.total_tokens += usage.total_tokens;
+            totals.cached_tokens += usage.cached_tokens;
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.usage.is_some() {
+            self.usage = None;
+            self.settle();
+        }
     }
 }
 
@@ -77,8 +97,10 @@ impl Tally {
             completion_tokens: count(completion),
             total_tokens: count(prompt + completion),
             cached_tokens: count(cached),
+            in_flight: 0,
         };
-        Some(Pending { tally: self.clone(), tag, usage })
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(tag.clone()).or_default().in_flight += 1;
+        Some(Pending { tally: self.clone(), tag, usage: Some(usage) })
     }
 }
 
@@ -126,12 +148,21 @@ mod tests {
         assert!(tally.pending(&headers, 10, 5, 0).is_none());
         headers.insert(X_SIM_TALLY, "team-a".parse().expect("header"));
         let pending = tally.pending(&headers, 10, 5, 2).expect("tagged");
-        let _unsent = tally.pending(&headers, 100, 50, 0);
+        let unsent = tally.pending(&headers, 100, 50, 0).expect("tagged");
+        assert_eq!(tally.0.lock().expect("lock")["team-a"].in_flight, 2);
         pending.report();
+        drop(unsent);
         let totals = tally.0.lock().expect("lock")["team-a"];
         assert_eq!(
             totals,
-            Totals { requests: 1, prompt_tokens: 10, completion_tokens: 5, total_tokens: 15, cached_tokens: 2 }
+            Totals {
+                requests: 1,
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+                cached_tokens: 2,
+                in_flight: 0
+            }
         );
     }
 }
