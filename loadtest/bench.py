@@ -95,7 +95,8 @@ def children_cpu_ms() -> float:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT):
         self.name = name
         self.stdout_path = workdir / f"{name}.stdout.log"
         self.stderr_path = workdir / f"{name}.stderr.log"
@@ -103,7 +104,7 @@ class Server:
         self._err = open(self.stderr_path, "wb")
         try:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=env, cwd=ROOT
+                argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=env, cwd=cwd
             )
         except OSError as e:
             self._out.close()
@@ -198,11 +199,15 @@ def start_gateway(bin_dir: Path, workdir: Path, sim_addr: str, key: str, *, name
     env = dict(os.environ)
     env["AIGW_BENCH_KEY"] = key
     env.update(env_extra or {})
+    # A working directory of its own: without Redis, the usage ledger is a journal file under it.
+    data_dir = workdir / f"{name}-data"
+    data_dir.mkdir(exist_ok=True)
     gw = Server(
         name,
         [str(bin_dir / "aigw"), "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
         workdir,
         env=env,
+        cwd=data_dir,
     )
     line = gw.wait_for_line(lambda l: parse_aigw_addr(l) is not None, '"aigw listening"')
     return gw, parse_aigw_addr(line)
