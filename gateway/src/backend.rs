@@ -1,9 +1,10 @@
 //! Named backends: where a request goes, with which credentials, over which pooled client.
 //!
 //! The client's credentials never reach a backend: they are removed with the hop-by-hop headers
-//! and replaced by the backend's own (from an environment variable, marked sensitive so they are
-//! never printed).
+//! and replaced by the backend's own (from an environment variable, or a managed identity token;
+//! marked sensitive so they are never printed).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -11,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
 use crate::context::{Operation, RequestContext, Route};
 use crate::error::GatewayError;
+use crate::identity::{TokenCache, TokenCaches};
 use crate::subscription::KEY_QUERY_PARAM;
 
 pub struct Backend {
@@ -18,9 +20,20 @@ pub struct Backend {
     pub kind: BackendKind,
     /// The configured URL without a trailing slash.
     base: String,
-    credential: Option<(HeaderName, HeaderValue)>,
+    credential: Credential,
     timeout: Duration,
     client: reqwest::Client,
+}
+
+enum Credential {
+    None,
+    /// A header with a value from the environment.
+    Static(HeaderName, HeaderValue),
+    /// `Authorization: Bearer` with a token from the identity's cache, fetched as needed.
+    ManagedIdentity {
+        tokens: Arc<TokenCache>,
+        ignore_error: bool,
+    },
 }
 
 impl std::fmt::Debug for Backend {
@@ -51,18 +64,34 @@ const NOT_FORWARDED: [HeaderName; 13] = [
 ];
 
 impl Backend {
-    /// Builds a backend from validated config (so the URL parses and the secret is present).
+    /// Builds a backend from validated config (so the URL parses and the secret is present), with
+    /// token caches of its own.
     pub fn from_config(id: &str, config: &BackendConfig, env: EnvLookup<'_>) -> Result<Self, String> {
+        Self::from_config_sharing(id, config, env, &mut TokenCaches::default())
+    }
+
+    /// Like [`Backend::from_config`], sharing a managed identity's token cache with the other
+    /// backends built with the same `tokens`.
+    pub fn from_config_sharing(
+        id: &str,
+        config: &BackendConfig,
+        env: EnvLookup<'_>,
+        tokens: &mut TokenCaches,
+    ) -> Result<Self, String> {
         let secret = |var: &str| env(var).ok_or_else(|| format!("environment variable {var} is not set"));
         let credential = match &config.auth {
-            BackendAuthConfig::None => None,
+            BackendAuthConfig::None => Credential::None,
             BackendAuthConfig::ApiKey { env: var, header } => {
                 let name = HeaderName::try_from(header.as_str()).map_err(|e| e.to_string())?;
-                Some((name, sensitive(&secret(var)?, var)?))
+                Credential::Static(name, sensitive(&secret(var)?, var)?)
             }
             BackendAuthConfig::Bearer { env: var } => {
-                Some((header::AUTHORIZATION, sensitive(&format!("Bearer {}", secret(var)?), var)?))
+                Credential::Static(header::AUTHORIZATION, sensitive(&format!("Bearer {}", secret(var)?), var)?)
             }
+            BackendAuthConfig::ManagedIdentity(identity) => Credential::ManagedIdentity {
+                tokens: tokens.for_config(identity, env)?,
+                ignore_error: identity.ignore_error,
+            },
         };
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout())
@@ -123,8 +152,29 @@ impl Backend {
         url
     }
 
+    /// The header that authenticates the gateway to this backend, if any. A managed identity's token
+    /// comes from its cache; when none can be had the request fails, unless `ignore-error` lets it
+    /// go on without one.
+    async fn credential(&self) -> Result<Option<(HeaderName, HeaderValue)>, GatewayError> {
+        match &self.credential {
+            Credential::None => Ok(None),
+            Credential::Static(name, value) => Ok(Some((name.clone(), value.clone()))),
+            Credential::ManagedIdentity { tokens, ignore_error } => match tokens.authorization().await {
+                Ok(value) => Ok(Some((header::AUTHORIZATION, value))),
+                // The cache logged the failure; ignore-error is the configured way to live with it.
+                Err(_) if *ignore_error => Ok(None),
+                Err(error) => Err(GatewayError::BackendToken {
+                    backend: self.id.clone(),
+                    reason: error.to_string(),
+                    local: error.is_local(),
+                }),
+            },
+        }
+    }
+
     /// Sends the request; the timeout bounds the whole exchange, body included.
     pub async fn send(&self, ctx: &RequestContext, body: bytes::Bytes) -> Result<reqwest::Response, GatewayError> {
+        let credential = self.credential().await?;
         let mut headers = HeaderMap::with_capacity(ctx.request.headers.len() + 2);
         for (name, value) in &ctx.request.headers {
             // The gateway reads response bodies (usage), so they must arrive uncompressed.
@@ -132,8 +182,8 @@ impl Backend {
                 headers.append(name.clone(), value.clone());
             }
         }
-        if let Some((name, value)) = &self.credential {
-            headers.insert(name.clone(), value.clone());
+        if let Some((name, value)) = credential {
+            headers.insert(name, value);
         }
         if let Ok(id) = HeaderValue::try_from(ctx.request_id.as_str()) {
             headers.insert(HeaderName::from_static("x-request-id"), id);
@@ -144,9 +194,13 @@ impl Backend {
         request.send().await.map_err(|e| self.error(&e))
     }
 
-    /// POSTs a JSON embeddings request made on the gateway's own behalf (no client request to forward), with the
-    /// backend's credential and timeout. `model` is an Azure deployment for the azure-openai kind.
-    pub async fn post_embeddings(&self, model: Option<&str>, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+    /// A JSON embeddings POST made on the gateway's own behalf (no client request to forward), with the
+    /// backend's credential and timeout, ready to send. `model` is an Azure deployment for the azure-openai kind.
+    pub async fn embeddings_request(
+        &self,
+        model: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<reqwest::RequestBuilder, GatewayError> {
         let url = match (self.kind, model) {
             (BackendKind::AzureOpenai, Some(deployment)) => format!(
                 "{}/openai/deployments/{}/embeddings?api-version={EMBEDDINGS_API_VERSION}",
@@ -162,10 +216,10 @@ impl Backend {
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .timeout(self.timeout)
             .body(body);
-        if let Some((name, value)) = &self.credential {
-            request = request.header(name.clone(), value.clone());
+        if let Some((name, value)) = self.credential().await? {
+            request = request.header(name, value);
         }
-        request.send().await
+        Ok(request)
     }
 
     /// Maps a transport error to what the client sees; the details (which may name internal
@@ -189,7 +243,7 @@ fn sensitive(value: &str, var: &str) -> Result<HeaderValue, String> {
 }
 
 /// Percent-encodes what may not stand in a path segment (a deployment name is client input).
-fn encode_segment(segment: &str) -> String {
+pub(crate) fn encode_segment(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

@@ -213,6 +213,52 @@ pub enum BackendAuthConfig {
     },
     /// `Authorization: Bearer <value>`.
     Bearer { env: String },
+    /// `Authorization: Bearer <token>` with a token of the managed identity of wherever the gateway
+    /// runs (API Management's authentication-managed-identity); see `crate::identity`.
+    ManagedIdentity(ManagedIdentityConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ManagedIdentityConfig {
+    pub provider: IdentityProvider,
+    /// The audience of the token (workload identity asks for the scope `<resource>/.default`).
+    #[serde(default = "default_identity_resource")]
+    pub resource: String,
+    /// A user-assigned identity's client id; without it IMDS and App Service use the system-assigned
+    /// identity. Workload identity falls back to `AZURE_CLIENT_ID`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Base URL of the token endpoint instead of the platform's: the IMDS host, App Service's
+    /// `IDENTITY_ENDPOINT`, or the Microsoft Entra authority host for workload identity.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Workload identity: the tenant instead of `AZURE_TENANT_ID`.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Workload identity: the federated token file instead of `AZURE_FEDERATED_TOKEN_FILE`.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Send the request on without a credential when no token can be had (API Management's
+    /// `ignore-error`), instead of answering 502.
+    #[serde(default)]
+    pub ignore_error: bool,
+}
+
+/// Where managed identity tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityProvider {
+    /// Azure Instance Metadata Service: VMs, scale sets, AKS nodes, Container Instances.
+    Imds,
+    /// App Service and Functions (and Container Apps): `IDENTITY_ENDPOINT` + `IDENTITY_HEADER`.
+    AppService,
+    /// AKS workload identity: a federated token file exchanged at Microsoft Entra ID.
+    WorkloadIdentity,
+}
+
+fn default_identity_resource() -> String {
+    "https://cognitiveservices.azure.com".to_owned()
 }
 
 fn default_api_key_header() -> String {
@@ -544,6 +590,10 @@ impl Config {
                     require_env(env, var, &at("auth.env"))?;
                 }
                 BackendAuthConfig::Bearer { env: var } => require_env(env, var, &at("auth.env"))?,
+                BackendAuthConfig::ManagedIdentity(identity) => {
+                    crate::identity::TokenEndpoint::resolve(identity, env)
+                        .map_err(|(field, message)| ConfigError::at(at(&format!("auth.{field}")), message))?;
+                }
             }
         }
 

@@ -42,6 +42,13 @@ pub enum GatewayError {
     BackendTimeout {
         backend: String,
     },
+    /// No managed identity token for the backend; `local` when the cause is the gateway's own setup
+    /// (500) rather than the token endpoint (502). `reason` never holds a token or assertion.
+    BackendToken {
+        backend: String,
+        reason: String,
+        local: bool,
+    },
     /// token-limit: the per-minute window is full.
     TokenLimitExceeded {
         retry_after_secs: u64,
@@ -95,6 +102,8 @@ impl GatewayError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BackendToken { local: false, .. } => StatusCode::BAD_GATEWAY,
+            Self::BackendToken { local: true, .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::TokenLimitExceeded { .. } | Self::TokensOverLimit { .. } | Self::RateLimitExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -115,6 +124,7 @@ impl GatewayError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BackendUnavailable { .. } => "backend_unavailable",
             Self::BackendTimeout { .. } => "backend_timeout",
+            Self::BackendToken { .. } => "backend_token_unavailable",
             Self::TokenLimitExceeded { .. } => "token_limit_exceeded",
             Self::TokenQuotaExceeded { .. } => "token_quota_exceeded",
             Self::TokensOverLimit { .. } => "tokens_over_limit",
@@ -152,6 +162,9 @@ impl GatewayError {
             Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),
             Self::BackendUnavailable { backend, detail } => format!("Backend {backend:?} is unavailable: {detail}"),
             Self::BackendTimeout { backend } => format!("Backend {backend:?} did not answer in time."),
+            Self::BackendToken { backend, reason, .. } => {
+                format!("Could not get a managed identity token for backend {backend:?}: {reason}")
+            }
             // API Management's wording for each limit.
             Self::TokenLimitExceeded { retry_after_secs } => {
                 format!("Token limit is exceeded. Try again in {retry_after_secs} seconds.")

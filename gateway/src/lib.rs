@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod embed;
 pub mod error;
+pub mod identity;
 pub mod ledger;
 pub mod openai;
 pub mod policy;

@@ -127,9 +127,10 @@ const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
 impl Gateway {
     pub fn build(config: Config, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let mut backends = BTreeMap::new();
+        let mut tokens = crate::identity::TokenCaches::default();
         for (id, backend) in &config.backends {
-            let built =
-                Backend::from_config(id, backend, env).map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
+            let built = Backend::from_config_sharing(id, backend, env, &mut tokens)
+                .map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
             backends.insert(id.clone(), Arc::new(built));
         }
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));

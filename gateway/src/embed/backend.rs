@@ -92,8 +92,12 @@ impl Embedder for BackendEmbedder {
         let request = EmbeddingRequest { input: text, model: self.model.as_deref(), encoding_format: "float" };
         let body =
             serde_json::to_vec(&request).map_err(|e| self.unusable(format!("cannot encode the request: {e}")))?;
-        let response =
-            self.backend.post_embeddings(self.model.as_deref(), body).await.map_err(|e| self.unavailable(&e))?;
+        let request = self
+            .backend
+            .embeddings_request(self.model.as_deref(), body)
+            .await
+            .map_err(|e| EmbedError::BackendCredential(e.message()))?;
+        let response = request.send().await.map_err(|e| self.unavailable(&e))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.unavailable(&e))?;
         if !status.is_success() {

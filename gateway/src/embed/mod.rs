@@ -37,6 +37,8 @@ pub enum EmbedError {
     Inference(String),
     /// The embeddings backend could not be reached or did not answer in time.
     BackendUnavailable { backend: String, detail: &'static str },
+    /// No credential for the embeddings backend (its managed identity token could not be had).
+    BackendCredential(String),
     /// The embeddings backend answered with an error status; `message` is the OpenAI error message, if any.
     BackendStatus { backend: String, status: u16, message: Option<String> },
     /// The embeddings backend answered 2xx with something that is not a usable embedding.
@@ -62,6 +64,7 @@ impl fmt::Display for EmbedError {
             Self::BackendUnavailable { backend, detail } => {
                 write!(f, "embeddings backend {backend:?} is unavailable: {detail}")
             }
+            Self::BackendCredential(message) => write!(f, "embeddings: {message}"),
             Self::BackendStatus { backend, status, message: Some(message) } => {
                 write!(f, "embeddings backend {backend:?} answered {status}: {message}")
             }
