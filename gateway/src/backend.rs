@@ -4,13 +4,16 @@
 //! and replaced by the backend's own (from an environment variable, marked sensitive so they are
 //! never printed).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
+use crate::circuit::{CircuitBreaker, Health};
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
 use crate::context::{Operation, RequestContext, Route};
 use crate::error::GatewayError;
+use crate::store::SystemClock;
 use crate::subscription::KEY_QUERY_PARAM;
 
 pub struct Backend {
@@ -21,6 +24,8 @@ pub struct Backend {
     credential: Option<(HeaderName, HeaderValue)>,
     timeout: Duration,
     client: reqwest::Client,
+    /// Takes the backend out of traffic after repeated failures (see `circuit`).
+    pub circuit: CircuitBreaker,
 }
 
 impl std::fmt::Debug for Backend {
@@ -80,6 +85,7 @@ impl Backend {
             credential,
             timeout: config.timeout(),
             client,
+            circuit: CircuitBreaker::new(id, config.circuit_breaker.as_ref(), Arc::new(SystemClock)),
         })
     }
 
@@ -90,6 +96,11 @@ impl Backend {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The circuit breaker's state and counters (lock-free reads), for `/ready` and metrics.
+    pub fn health(&self) -> Health {
+        self.circuit.health()
     }
 
     /// The backend URL for this request.

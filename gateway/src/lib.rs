@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod backend;
 pub mod cache;
+pub mod circuit;
 pub mod client_ip;
 pub mod config;
 pub mod context;
@@ -12,6 +13,7 @@ pub mod embed;
 pub mod error;
 pub mod openai;
 pub mod policy;
+pub mod pool;
 pub mod quickstart;
 pub mod server;
 pub mod sse;

@@ -39,6 +39,7 @@ use crate::config::{ApiKind, Config, ConfigError, EnvLookup, PolicyConfig};
 use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::policy::{Pipeline, PolicyDeps};
+use crate::pool::{self, Target};
 use crate::store::redis::RedisStore;
 use crate::store::{Clock, Counters, SystemClock};
 use crate::subscription::SubscriptionStore;
@@ -46,6 +47,8 @@ use crate::subscription::SubscriptionStore;
 pub struct Gateway {
     pub config: Config,
     pub backends: BTreeMap<String, Arc<Backend>>,
+    /// Backends and pools by id, as APIs name them.
+    targets: Arc<BTreeMap<String, Target>>,
     apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
     shared: Arc<Shared>,
     log: RequestLog,
@@ -127,13 +130,14 @@ impl Gateway {
                 Backend::from_config(id, backend, env).map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
             backends.insert(id.clone(), Arc::new(built));
         }
+        let targets = Arc::new(pool::targets(&backends, &config.pools)?);
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
         let counters = Arc::new(counters(&config, env)?);
         let cache = CacheDeps::new(cache_store(&config, env)?, backends.clone());
         let deps = PolicyDeps {
-            backends: &backends,
+            targets: &targets,
             subscriptions: &subscriptions,
             counters: &counters,
             cache: &cache,
@@ -148,16 +152,16 @@ impl Gateway {
         }
         let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
         let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
-        Ok(Self { config, backends, apis, shared, log, counters, proxies })
+        Ok(Self { config, backends, targets, apis, shared, log, counters, proxies })
     }
 
     pub fn router(&self, instance: &str) -> Router {
         let ready_shared = self.shared.clone();
         let counters = self.counters.clone();
-        let backend_ids: Vec<String> = self.backends.keys().cloned().collect();
+        let targets = self.targets.clone();
         let mut router = Router::new()
             .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
-            .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())))
+            .route("/ready", get(move || ready(ready_shared.clone(), targets.clone())))
             .route("/metrics", get(move || metrics(counters.clone())));
         for (kind, prefix, pipeline) in &self.apis {
             match kind {
@@ -227,6 +231,7 @@ impl Gateway {
                         body: RequestBody::Unread,
                     },
                     subscription: None,
+                    target: None,
                     backend: None,
                     usage: None,
                     variables: Default::default(),
@@ -338,9 +343,14 @@ impl<F: Future<Output = Response> + Send + 'static> Drop for CompleteOnDrop<F> {
     }
 }
 
-async fn ready(shared: Arc<Shared>, backends: Vec<String>) -> Response {
+/// 200 unless draining; "degraded" while some pool has no available member. Lists each backend's
+/// circuit breaker and each pool's availability.
+async fn ready(shared: Arc<Shared>, targets: Arc<BTreeMap<String, Target>>) -> Response {
     if shared.ready.load(Ordering::SeqCst) {
-        axum::Json(serde_json::json!({ "status": "ready", "backends": backends })).into_response()
+        let report = pool::readiness(&targets);
+        let status = if report.degraded { "degraded" } else { "ready" };
+        axum::Json(serde_json::json!({ "status": status, "backends": report.backends, "pools": report.pools }))
+            .into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "draining" }))).into_response()
     }
