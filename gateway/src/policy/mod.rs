@@ -7,7 +7,7 @@
 //!    its own (`Flow::Respond`: a cache hit) or refuse (`Err`: a 401, a 429).
 //! 2. **backend**: the request goes to the backend or pool chosen by `set-backend-service` or the
 //!    API's default; streams always ask for usage. A 429, 5xx or transport error is retried on the
-//!    pool's next available member before anything reaches the client (see [`Pipeline::forward`]).
+//!    pool's next available member before anything reaches the client (see `send_with_failover`).
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
