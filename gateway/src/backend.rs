@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
+use crate::circuit::{CircuitBreaker, Health};
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
 use crate::context::{Operation, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::identity::{TokenCache, TokenCaches};
+use crate::store::SystemClock;
 use crate::subscription::KEY_QUERY_PARAM;
 
 pub struct Backend {
@@ -23,6 +25,8 @@ pub struct Backend {
     credential: Credential,
     timeout: Duration,
     client: reqwest::Client,
+    /// Takes the backend out of traffic after repeated failures (see `circuit`).
+    pub circuit: CircuitBreaker,
 }
 
 enum Credential {
@@ -109,6 +113,7 @@ impl Backend {
             credential,
             timeout: config.timeout(),
             client,
+            circuit: CircuitBreaker::new(id, config.circuit_breaker.as_ref(), Arc::new(SystemClock)),
         })
     }
 
@@ -119,6 +124,11 @@ impl Backend {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The circuit breaker's state and counters (lock-free reads), for `/ready` and metrics.
+    pub fn health(&self) -> Health {
+        self.circuit.health()
     }
 
     /// The backend URL for this request.

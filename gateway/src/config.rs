@@ -21,6 +21,10 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     pub backends: BTreeMap<String, BackendConfig>,
+    /// Groups of backends that share an API's traffic and fail over to each other. Pool ids and
+    /// backend ids share one namespace: wherever a backend is named, a pool may be.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
     pub apis: BTreeMap<String, ApiConfig>,
@@ -181,6 +185,93 @@ pub struct BackendConfig {
     /// Bounds the whole exchange, streamed body included (and so the drain after a client left).
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Without one the backend is never taken out of traffic (its failures are still counted).
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+}
+
+/// API Management's backend circuit breaker: after `failure-count` failures within
+/// `interval-secs` the backend gets no traffic for `trip-secs`; then one request probes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct CircuitBreakerConfig {
+    pub failure_count: u32,
+    pub interval_secs: u64,
+    pub trip_secs: u64,
+    /// Response statuses that count as failures: `"429"` or ranges such as `"500-599"`.
+    /// Connection errors and timeouts always count.
+    pub status_codes: Vec<String>,
+    /// A failing response's `Retry-After` (or `retry-after-ms`) sets the trip duration.
+    pub accept_retry_after: bool,
+    /// Caps a trip duration taken from `Retry-After`.
+    pub max_trip_secs: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_count: 3,
+            interval_secs: 10,
+            trip_secs: 30,
+            status_codes: vec!["429".to_owned(), "500-599".to_owned()],
+            accept_retry_after: false,
+            max_trip_secs: 300,
+        }
+    }
+}
+
+/// Pools may not try more members than this for one request.
+pub const MAX_POOL_ATTEMPTS: usize = 10;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PoolConfig {
+    pub members: Vec<PoolMemberConfig>,
+    /// Backends one request may try (the first and its retries); default: every member, at most
+    /// [`MAX_POOL_ATTEMPTS`].
+    #[serde(default)]
+    pub max_attempts: Option<usize>,
+}
+
+impl PoolConfig {
+    pub fn attempts(&self) -> usize {
+        self.max_attempts.unwrap_or(self.members.len().min(MAX_POOL_ATTEMPTS))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PoolMemberConfig {
+    pub backend: String,
+    /// Lower is preferred: a group gets traffic only while every member of the groups before it
+    /// is unavailable.
+    #[serde(default = "one")]
+    pub priority: u32,
+    /// The member's share of its priority group's traffic.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A status code range of `status-codes`: `"429"` or `"500-599"`.
+pub fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
+    let code =
+        |part: &str| {
+            part.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c)).ok_or_else(|| {
+                format!("{text:?} is not a status code (100-599) or a range of them such as \"500-599\"")
+            })
+        };
+    let (low, high) = match text.split_once('-') {
+        Some((low, high)) => (code(low)?, code(high)?),
+        None => (code(text)?, code(text)?),
+    };
+    if low > high {
+        return Err(format!("{text:?}: the range's start is above its end"));
+    }
+    Ok((low, high))
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -595,7 +686,11 @@ impl Config {
                         .map_err(|(field, message)| ConfigError::at(at(&format!("auth.{field}")), message))?;
                 }
             }
+            if let Some(breaker) = &backend.circuit_breaker {
+                validate_circuit_breaker(breaker, &|field| at(&format!("circuit-breaker.{field}")))?;
+            }
         }
+        self.validate_pools()?;
 
         if self.cache.max_entries_per_partition == 0 {
             return Err(ConfigError::at("cache.max-entries-per-partition", "must be greater than 0"));
@@ -652,8 +747,8 @@ impl Config {
             if let Some(other) = paths.insert(api.path.as_str(), id) {
                 return Err(ConfigError::at(at("path"), format!("{:?} is already used by API {other:?}", api.path)));
             }
-            if let Some(backend) = api.backend.as_ref().filter(|b| !self.backends.contains_key(*b)) {
-                return Err(ConfigError::at(at("backend"), unknown("backend", backend, self.backends.keys())));
+            if let Some(backend) = api.backend.as_ref().filter(|b| !self.is_target(b)) {
+                return Err(ConfigError::at(at("backend"), self.unknown_target(backend)));
             }
             let sections = [("inbound", &api.inbound), ("outbound", &api.outbound), ("on-error", &api.on_error)];
             let mut picks_backend = false;
@@ -665,11 +760,8 @@ impl Config {
                             if section != "inbound" {
                                 return Err(ConfigError::at(at("policy"), "set-backend-service belongs in inbound"));
                             }
-                            if !self.backends.contains_key(&p.backend_id) {
-                                return Err(ConfigError::at(
-                                    at("backend-id"),
-                                    unknown("backend", &p.backend_id, self.backends.keys()),
-                                ));
+                            if !self.is_target(&p.backend_id) {
+                                return Err(ConfigError::at(at("backend-id"), self.unknown_target(&p.backend_id)));
                             }
                             picks_backend = true;
                         }
@@ -726,6 +818,48 @@ impl Config {
 }
 
 impl Config {
+    /// Whether `id` names a backend or a pool (what an API's `backend` and `set-backend-service` may name).
+    fn is_target(&self, id: &str) -> bool {
+        self.backends.contains_key(id) || self.pools.contains_key(id)
+    }
+
+    fn unknown_target(&self, id: &str) -> String {
+        unknown("backend or pool", id, self.backends.keys().chain(self.pools.keys()))
+    }
+
+    fn validate_pools(&self) -> Result<(), ConfigError> {
+        for (id, pool) in &self.pools {
+            let at = |field: &str| format!("pools.{id}.{field}");
+            if self.backends.contains_key(id) {
+                return Err(ConfigError::at(format!("pools.{id}"), "a backend has this id too: ids name either one"));
+            }
+            if pool.members.is_empty() {
+                return Err(ConfigError::at(at("members"), "a pool needs at least one member"));
+            }
+            for (i, member) in pool.members.iter().enumerate() {
+                let at = |field: &str| at(&format!("members[{i}].{field}"));
+                if !self.backends.contains_key(&member.backend) {
+                    let message = if self.pools.contains_key(&member.backend) {
+                        format!("{:?} is a pool; pool members are backends", member.backend)
+                    } else {
+                        unknown("backend", &member.backend, self.backends.keys())
+                    };
+                    return Err(ConfigError::at(at("backend"), message));
+                }
+                if pool.members[..i].iter().any(|m| m.backend == member.backend) {
+                    return Err(ConfigError::at(at("backend"), format!("{:?} is already a member", member.backend)));
+                }
+                if member.weight == 0 {
+                    return Err(ConfigError::at(at("weight"), "must be at least 1"));
+                }
+            }
+            if !(1..=MAX_POOL_ATTEMPTS).contains(&pool.attempts()) {
+                return Err(ConfigError::at(at("max-attempts"), format!("must be within 1..={MAX_POOL_ATTEMPTS}")));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_cache_lookup(
         &self,
         p: &SemanticCacheLookupConfig,
@@ -815,6 +949,27 @@ fn validate_key_source(
         (None, Some(var)) => require_env(env, var, &at("key-env")),
         _ => Err(ConfigError::at(at("key-sha256"), "set exactly one of key-sha256 and key-env")),
     }
+}
+
+fn validate_circuit_breaker(p: &CircuitBreakerConfig, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    if p.failure_count == 0 {
+        return Err(ConfigError::at(at("failure-count"), "must be at least 1"));
+    }
+    for (field, secs) in [("interval-secs", p.interval_secs), ("trip-secs", p.trip_secs)] {
+        if secs == 0 {
+            return Err(ConfigError::at(at(field), "must be at least 1 second"));
+        }
+    }
+    if p.max_trip_secs < p.trip_secs {
+        return Err(ConfigError::at(at("max-trip-secs"), "must be at least trip-secs"));
+    }
+    if p.status_codes.is_empty() {
+        return Err(ConfigError::at(at("status-codes"), "name at least one status code or range, e.g. \"500-599\""));
+    }
+    for (i, range) in p.status_codes.iter().enumerate() {
+        parse_status_range(range).map_err(|e| ConfigError::at(at(&format!("status-codes[{i}]")), e))?;
+    }
+    Ok(())
 }
 
 fn validate_template(template: &str, path: String) -> Result<(), ConfigError> {
@@ -944,7 +1099,7 @@ mod tests {
     fn references_are_checked() {
         assert!(
             err(&MINIMAL.replace("backend = \"sim\"", "backend = \"nope\""))
-                .starts_with("apis.aoai.backend: unknown backend \"nope\"")
+                .starts_with("apis.aoai.backend: unknown backend or pool \"nope\"")
         );
         assert!(
             err(&MINIMAL.replace("apis = [\"aoai\"]", "apis = [\"mcp\"]"))
@@ -996,6 +1151,60 @@ mod tests {
         assert!(err(&outbound).contains("token-limit belongs in inbound"));
         let redis = format!("{MINIMAL}\n[redis]\nurl = \"http://not-redis\"\n");
         assert!(err(&redis).starts_with("redis.url: not a Redis URL"), "{}", err(&redis));
+    }
+
+    #[test]
+    fn pools_and_circuit_breakers_are_validated() {
+        let pooled = MINIMAL.replace("backend = \"sim\"", "backend = \"llm\"").replace(
+            "[[subscriptions]]",
+            "circuit-breaker = { failure-count = 2, trip-secs = 5, status-codes = [\"429\", \"500-599\"] }\n\n\
+             [backends.spare]\nurl = \"http://127.0.0.1:8082/v1\"\nkind = \"openai\"\n\n\
+             [pools.llm]\nmembers = [{ backend = \"sim\", weight = 3 }, { backend = \"spare\", priority = 2 }]\n\n\
+             [[subscriptions]]",
+        );
+        let config = Config::parse(&pooled, &no_env).expect("valid");
+        assert_eq!(config.pools["llm"].attempts(), 2, "every member by default");
+        assert_eq!(config.pools["llm"].members[1].weight, 1);
+        let cases = [
+            ("weight = 3", "weight = 0", "pools.llm.members[0].weight: must be at least 1"),
+            ("backend = \"spare\"", "backend = \"gone\"", "pools.llm.members[1].backend: unknown backend \"gone\""),
+            ("backend = \"spare\"", "backend = \"llm\"", "pools.llm.members[1].backend: \"llm\" is a pool"),
+            ("backend = \"spare\"", "backend = \"sim\"", "pools.llm.members[1].backend: \"sim\" is already a member"),
+            ("[pools.llm]", "[pools.sim]", "pools.sim: a backend has this id too"),
+            ("[pools.llm]", "[pools.llm]\nmax-attempts = 11", "pools.llm.max-attempts: must be within 1..=10"),
+            ("\"500-599\"", "\"599-500\"", "backends.sim.circuit-breaker.status-codes[1]: \"599-500\""),
+            ("\"429\"", "\"42\"", "backends.sim.circuit-breaker.status-codes[0]: \"42\" is not a status code"),
+            (
+                "failure-count = 2",
+                "failure-count = 0",
+                "backends.sim.circuit-breaker.failure-count: must be at least 1",
+            ),
+            (
+                "trip-secs = 5",
+                "trip-secs = 500",
+                "backends.sim.circuit-breaker.max-trip-secs: must be at least trip-secs",
+            ),
+            ("trip-secs = 5", "trip-secs = 5, tripsecs = 1", "backends.sim.circuit-breaker"),
+        ];
+        for (from, to, expected) in cases {
+            assert!(pooled.contains(from), "{from}");
+            let message = err(&pooled.replacen(from, to, 1));
+            assert!(message.starts_with(expected), "{to}: {message}");
+        }
+        let empty = pooled.replace(
+            "members = [{ backend = \"sim\", weight = 3 }, { backend = \"spare\", priority = 2 }]",
+            "members = []",
+        );
+        assert!(err(&empty).starts_with("pools.llm.members: a pool needs at least one member"), "{}", err(&empty));
+        let via_policy = pooled
+            .replace("backend = \"llm\"", "inbound = [{ policy = \"set-backend-service\", backend-id = \"llm\" }]");
+        Config::parse(&via_policy, &no_env).expect("set-backend-service may name a pool");
+        let unknown = via_policy.replace("backend-id = \"llm\"", "backend-id = \"nope\"");
+        assert!(
+            err(&unknown).contains("unknown backend or pool \"nope\" (known: sim, spare, llm)"),
+            "{}",
+            err(&unknown)
+        );
     }
 
     #[test]

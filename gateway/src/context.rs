@@ -11,6 +11,7 @@ use http::{HeaderMap, Method};
 use crate::backend::Backend;
 use crate::error::GatewayError;
 use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use crate::pool::Target;
 use crate::subscription::Subscription;
 
 /// What the client called.
@@ -91,6 +92,9 @@ pub struct RequestContext {
     pub operation: Operation,
     pub request: InboundRequest,
     pub subscription: Option<Arc<Subscription>>,
+    /// Where `set-backend-service` sends the request (else the API's default): a backend or a pool.
+    pub target: Option<Target>,
+    /// The backend the request went to; with failover, the one that answered last.
     pub backend: Option<Arc<Backend>>,
     pub usage: Option<Usage>,
     /// Named values policies hand to later policies.

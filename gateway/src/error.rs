@@ -49,6 +49,13 @@ pub enum GatewayError {
         reason: String,
         local: bool,
     },
+    /// Every backend the request could go to has its circuit breaker open.
+    NoBackendAvailable {
+        /// The backend or pool the API sends to.
+        target: String,
+        pool: bool,
+        retry_after_secs: u64,
+    },
     /// token-limit: the per-minute window is full.
     TokenLimitExceeded {
         retry_after_secs: u64,
@@ -108,7 +115,7 @@ impl GatewayError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::TokenQuotaExceeded { .. } | Self::CallQuotaExceeded { .. } => StatusCode::FORBIDDEN,
-            Self::LimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LimitStoreUnavailable | Self::NoBackendAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -125,6 +132,7 @@ impl GatewayError {
             Self::BackendUnavailable { .. } => "backend_unavailable",
             Self::BackendTimeout { .. } => "backend_timeout",
             Self::BackendToken { .. } => "backend_token_unavailable",
+            Self::NoBackendAvailable { .. } => "no_backend_available",
             Self::TokenLimitExceeded { .. } => "token_limit_exceeded",
             Self::TokenQuotaExceeded { .. } => "token_quota_exceeded",
             Self::TokensOverLimit { .. } => "tokens_over_limit",
@@ -165,6 +173,14 @@ impl GatewayError {
             Self::BackendToken { backend, reason, .. } => {
                 format!("Could not get a managed identity token for backend {backend:?}: {reason}")
             }
+            Self::NoBackendAvailable { target, pool: true, retry_after_secs } => format!(
+                "No backend of pool {target:?} is available: their circuit breakers are open after repeated \
+                 failures. Try again in {retry_after_secs} seconds."
+            ),
+            Self::NoBackendAvailable { target, pool: false, retry_after_secs } => format!(
+                "Backend {target:?} is unavailable: its circuit breaker is open after repeated failures. \
+                 Try again in {retry_after_secs} seconds."
+            ),
             // API Management's wording for each limit.
             Self::TokenLimitExceeded { retry_after_secs } => {
                 format!("Token limit is exceeded. Try again in {retry_after_secs} seconds.")
@@ -211,7 +227,8 @@ impl GatewayError {
             Self::TokenLimitExceeded { retry_after_secs }
             | Self::TokenQuotaExceeded { retry_after_secs }
             | Self::RateLimitExceeded { retry_after_secs }
-            | Self::CallQuotaExceeded { retry_after_secs } => Some(*retry_after_secs),
+            | Self::CallQuotaExceeded { retry_after_secs }
+            | Self::NoBackendAvailable { retry_after_secs, .. } => Some(*retry_after_secs),
             _ => None,
         }
     }

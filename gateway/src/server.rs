@@ -42,6 +42,7 @@ use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::ledger::chargeback::Prices;
 use crate::policy::{Pipeline, PolicyDeps};
+use crate::pool::{self, Target};
 use crate::store::redis::RedisStore;
 use crate::store::{Clock, Counters, SystemClock};
 use crate::subscription::{KeyDigest, SubscriptionStore};
@@ -49,6 +50,8 @@ use crate::subscription::{KeyDigest, SubscriptionStore};
 pub struct Gateway {
     pub config: Config,
     pub backends: BTreeMap<String, Arc<Backend>>,
+    /// Backends and pools by id, as APIs name them.
+    targets: Arc<BTreeMap<String, Target>>,
     apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
     shared: Arc<Shared>,
     log: RequestLog,
@@ -133,6 +136,7 @@ impl Gateway {
                 .map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
             backends.insert(id.clone(), Arc::new(built));
         }
+        let targets = Arc::new(pool::targets(&backends, &config.pools)?);
         let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
         let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
@@ -141,7 +145,7 @@ impl Gateway {
         let ledger = Arc::new(Ledger::open(&config, env)?);
         let admin_key = config.admin.as_ref().and_then(|a| KeyDigest::from_config(&a.key_sha256, &a.key_env, env));
         let deps = PolicyDeps {
-            backends: &backends,
+            targets: &targets,
             subscriptions: &subscriptions,
             counters: &counters,
             cache: &cache,
@@ -157,16 +161,16 @@ impl Gateway {
         }
         let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
         let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
-        Ok(Self { config, backends, apis, shared, log, counters, proxies, ledger, admin_key })
+        Ok(Self { config, backends, targets, apis, shared, log, counters, proxies, ledger, admin_key })
     }
 
     pub fn router(&self, instance: &str) -> Router {
         let ready_shared = self.shared.clone();
         let counters = self.counters.clone();
-        let backend_ids: Vec<String> = self.backends.keys().cloned().collect();
+        let targets = self.targets.clone();
         let mut router = Router::new()
             .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
-            .route("/ready", get(move || ready(ready_shared.clone(), backend_ids.clone())))
+            .route("/ready", get(move || ready(ready_shared.clone(), targets.clone())))
             .route("/metrics", get(move || metrics(counters.clone())))
             .merge(admin::routes(self.admin_key, self.ledger.clone(), Prices::from_config(&self.config.prices)));
         for (kind, prefix, pipeline) in &self.apis {
@@ -237,6 +241,7 @@ impl Gateway {
                         body: RequestBody::Unread,
                     },
                     subscription: None,
+                    target: None,
                     backend: None,
                     usage: None,
                     variables: Default::default(),
@@ -350,9 +355,14 @@ impl<F: Future<Output = Response> + Send + 'static> Drop for CompleteOnDrop<F> {
     }
 }
 
-async fn ready(shared: Arc<Shared>, backends: Vec<String>) -> Response {
+/// 200 unless draining; "degraded" while some pool has no available member. Lists each backend's
+/// circuit breaker and each pool's availability.
+async fn ready(shared: Arc<Shared>, targets: Arc<BTreeMap<String, Target>>) -> Response {
     if shared.ready.load(Ordering::SeqCst) {
-        axum::Json(serde_json::json!({ "status": "ready", "backends": backends })).into_response()
+        let report = pool::readiness(&targets);
+        let status = if report.degraded { "degraded" } else { "ready" };
+        axum::Json(serde_json::json!({ "status": status, "backends": report.backends, "pools": report.pools }))
+            .into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "draining" }))).into_response()
     }

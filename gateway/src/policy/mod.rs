@@ -5,8 +5,9 @@
 //! 1. **inbound**: the API's inbound policies in configured order. Subscription-key auth comes
 //!    first wherever a subscription is required (before the body is read). A policy may answer on
 //!    its own (`Flow::Respond`: a cache hit) or refuse (`Err`: a 401, a 429).
-//! 2. **backend**: the request goes to the backend chosen by `set-backend-service` or the API's
-//!    default; streams always ask for usage.
+//! 2. **backend**: the request goes to the backend or pool chosen by `set-backend-service` or the
+//!    API's default; streams always ask for usage. A 429, 5xx or transport error is retried on the
+//!    pool's next available member before anything reaches the client (see `send_with_failover`).
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
@@ -45,11 +46,13 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::RequestLog;
 use crate::backend::{Backend, forwardable_response_header};
 use crate::cache::CacheDeps;
+use crate::circuit::Outcome;
 use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
+use crate::pool::Target;
 use crate::sse::SseRelay;
 use crate::store::Counters;
 use crate::subscription::SubscriptionStore;
@@ -101,7 +104,7 @@ pub struct Pipeline {
     inbound: Vec<Box<dyn Policy>>,
     outbound: Vec<Box<dyn Policy>>,
     on_error: Vec<Box<dyn Policy>>,
-    default_backend: Option<Arc<Backend>>,
+    default_target: Option<Target>,
     max_body_bytes: usize,
     log: RequestLog,
     tasks: TaskTracker,
@@ -110,7 +113,8 @@ pub struct Pipeline {
 
 /// What policies are built with, besides their own config.
 pub struct PolicyDeps<'a> {
-    pub backends: &'a BTreeMap<String, Arc<Backend>>,
+    /// Backends and pools by id.
+    pub targets: &'a BTreeMap<String, Target>,
     pub subscriptions: &'a Arc<SubscriptionStore>,
     pub counters: &'a Arc<Counters>,
     pub cache: &'a CacheDeps,
@@ -125,7 +129,6 @@ static POLICY_IDS: AtomicUsize = AtomicUsize::new(0);
 
 fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn Policy>, String> {
     let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
-    let backends = deps.backends;
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
         PolicyConfig::TokenLimit(c) => Box::new(token_limit::TokenLimit::new(id, c, deps.counters.clone())?),
@@ -143,10 +146,11 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
             Box::new(semantic_cache::SemanticCacheStore::new(c, deps.cache.store()?))
         }
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
-            backend: backends
+            target: deps
+                .targets
                 .get(&c.backend_id)
                 .cloned()
-                .ok_or_else(|| format!("unknown backend {:?}", c.backend_id))?,
+                .ok_or_else(|| format!("unknown backend or pool {:?}", c.backend_id))?,
         }),
     })
 }
@@ -169,7 +173,7 @@ impl Pipeline {
             inbound,
             outbound,
             on_error,
-            default_backend: config.backend.as_ref().and_then(|b| deps.backends.get(b).cloned()),
+            default_target: config.backend.as_ref().and_then(|b| deps.targets.get(b).cloned()),
             max_body_bytes: deps.max_body_bytes,
             log: deps.log.clone(),
             tasks: deps.tasks.clone(),
@@ -272,10 +276,8 @@ impl Pipeline {
     }
 
     async fn forward(&self, ctx: &mut RequestContext) -> Result<(Response, Option<StreamRelay>), GatewayError> {
-        let backend = ctx.backend.clone().or_else(|| self.default_backend.clone()).ok_or(GatewayError::Internal)?;
-        ctx.backend = Some(backend.clone());
-        let body = backend_body(ctx, &backend);
-        let upstream = backend.send(ctx, body).await?;
+        let target = ctx.target.clone().or_else(|| self.default_target.clone()).ok_or(GatewayError::Internal)?;
+        let (backend, upstream) = send_with_failover(ctx, &target).await?;
 
         let mut head = Response::new(()).into_parts().0;
         head.status = upstream.status();
@@ -328,6 +330,59 @@ impl Pipeline {
         }
         ctx.outcome.error = Some(error);
         Response::from_parts(head, body)
+    }
+}
+
+/// Sends the request to the target's backends until one answers with something other than 429,
+/// 5xx or a transport error: a pool's next available member (by priority and weight), never the
+/// same backend twice, at most `max-attempts` times. Nothing has reached the client yet (a
+/// stream's status comes before its body), so a failed attempt is invisible to it; the buffered
+/// body is sent again. Every answer goes into the backend's circuit breaker.
+///
+/// When attempts run out, the client gets the last backend's answer, unless every member of the
+/// pool is now tripped (or none was available to begin with): then a 503 with `Retry-After`.
+async fn send_with_failover(
+    ctx: &mut RequestContext,
+    target: &Target,
+) -> Result<(Arc<Backend>, reqwest::Response), GatewayError> {
+    let mut tried = Vec::new();
+    let mut last = None;
+    for _ in 0..target.max_attempts() {
+        let Some((backend, permit)) = target.next(&mut tried) else { break };
+        ctx.backend = Some(backend.clone());
+        let body = backend_body(ctx, backend);
+        let sent = backend.send(ctx, body).await;
+        let failed = match &sent {
+            Ok(response) => {
+                permit.record(&Outcome::Response(response.status(), response.headers()));
+                let status = response.status();
+                (status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| status.to_string())
+            }
+            Err(error @ (GatewayError::BackendTimeout { .. } | GatewayError::BackendUnavailable { .. })) => {
+                permit.record(&Outcome::TransportError);
+                Some(error.code().to_owned())
+            }
+            // Not the backend's doing (the permit is dropped unreported).
+            Err(_) => None,
+        };
+        let Some(failure) = failed else { return sent.map(|response| (backend.clone(), response)) };
+        if let Target::Pool(pool) = target {
+            tracing::warn!(
+                request_id = %ctx.request_id, pool = %pool.id, backend = %backend.id, failure = %failure,
+                "pool member failed; the request goes to the next available member, if any"
+            );
+        }
+        last = Some((backend.clone(), sent));
+    }
+    match last {
+        Some((backend, sent)) if matches!(target, Target::Backend(_)) || target.available() => {
+            sent.map(|response| (backend, response))
+        }
+        _ => Err(GatewayError::NoBackendAvailable {
+            target: target.id().to_owned(),
+            pool: matches!(target, Target::Pool(_)),
+            retry_after_secs: target.retry_after_secs(),
+        }),
     }
 }
 

@@ -1,22 +1,20 @@
-//! `set-backend-service`: sends the request to a named backend instead of the API's default.
-
-use std::sync::Arc;
+//! `set-backend-service`: sends the request to a named backend or pool instead of the API's default.
 
 use async_trait::async_trait;
 
 use super::{Flow, Policy};
-use crate::backend::Backend;
 use crate::context::RequestContext;
 use crate::error::GatewayError;
+use crate::pool::Target;
 
 pub struct SetBackendService {
-    pub backend: Arc<Backend>,
+    pub target: Target,
 }
 
 #[async_trait]
 impl Policy for SetBackendService {
     async fn inbound(&self, ctx: &mut RequestContext) -> Result<Flow, GatewayError> {
-        ctx.backend = Some(self.backend.clone());
+        ctx.target = Some(self.target.clone());
         Ok(Flow::Continue)
     }
 }

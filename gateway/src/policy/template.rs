@@ -87,7 +87,11 @@ impl Template {
                     let _ = write!(out, "{}", ctx.client_ip);
                 }
                 Segment::Model => out.push_str(ctx.model().unwrap_or("")),
-                Segment::BackendId => out.push_str(ctx.backend.as_deref().map_or("", |b| b.id.as_str())),
+                Segment::BackendId => out.push_str(match (&ctx.backend, &ctx.target) {
+                    (Some(backend), _) => &backend.id,
+                    (None, Some(target)) => target.id(),
+                    (None, None) => "",
+                }),
                 Segment::Header(name) => {
                     out.push_str(ctx.request.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or(""));
                 }

@@ -137,8 +137,13 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", args).await
+    }
+
+    /// Starts (or restarts) a simulator on a given address.
+    pub async fn start_on(listen: &str, args: &[&str]) -> Self {
         let mut command = Command::new(sim_bin());
-        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        command.args(["--listen", listen]).args(args);
         let proc = Proc::spawn(command);
         let line = proc.wait_line("llm-sim's listening line", |l| l.starts_with("llm-sim listening on ")).await;
         let url = line.trim_start_matches("llm-sim listening on ").to_owned();
