@@ -224,6 +224,7 @@ pub enum PolicyConfig {
     QuotaByKey(CallLimitConfig),
     SemanticCacheLookup(SemanticCacheLookupConfig),
     SemanticCacheStore(SemanticCacheStoreConfig),
+    EmitTokenMetric(EmitTokenMetricConfig),
 }
 
 impl PolicyConfig {
@@ -236,6 +237,7 @@ impl PolicyConfig {
             Self::QuotaByKey(_) => "quota-by-key",
             Self::SemanticCacheLookup(_) => "semantic-cache-lookup",
             Self::SemanticCacheStore(_) => "semantic-cache-store",
+            Self::EmitTokenMetric(_) => "emit-token-metric",
         }
     }
 }
@@ -383,6 +385,31 @@ pub struct SemanticCacheStoreConfig {
 
 fn default_cache_duration() -> u64 {
     3600
+}
+
+/// API Management's llm-emit-token-metric: each call's token counts as metrics, with dimensions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EmitTokenMetricConfig {
+    /// The meter (instrumentation scope) name; `otel_scope_name` on `/metrics`.
+    #[serde(default = "default_metric_namespace")]
+    pub namespace: String,
+    /// At most 10; see `policy::emit_token_metric` for the names that need no value.
+    #[serde(default)]
+    pub dimensions: Vec<MetricDimensionConfig>,
+}
+
+fn default_metric_namespace() -> String {
+    "aigw".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricDimensionConfig {
+    pub name: String,
+    /// A template; optional for the known names, which have a default.
+    #[serde(default)]
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -597,6 +624,10 @@ impl Config {
                                 return Err(ConfigError::at(at("policy"), "semantic-cache-lookup belongs in inbound"));
                             }
                             self.validate_cache_lookup(p, &at)?;
+                        }
+                        PolicyConfig::EmitTokenMetric(p) => {
+                            crate::policy::emit_token_metric::Dimension::parse_all(p)
+                                .map_err(|e| ConfigError::at(at(&e.path), e.message))?;
                         }
                         PolicyConfig::SemanticCacheStore(p) => {
                             if section != "outbound" {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod context;
 pub mod embed;
 pub mod error;
+pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod quickstart;

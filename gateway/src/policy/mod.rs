@@ -12,7 +12,7 @@
 //!    Then every policy may add its response headers (limit policies report what is left).
 //! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
 //!    client left), with the usage known. Accounting (token limits, metrics, the ledger) hooks in
-//!    here. Then the request log line is written.
+//!    here. Then the gateway's own metrics are recorded and the request log line is written.
 //!
 //! A client that disconnects cannot cut steps 2-5 short: the server moves a run whose client went
 //! away into a task of its own (see `server::CompleteOnDrop`), and a streamed response is relayed
@@ -22,6 +22,7 @@
 //! and a line in [`build_policy`].
 
 pub mod call_limit;
+pub mod emit_token_metric;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
@@ -47,6 +48,7 @@ use crate::cache::CacheDeps;
 use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
+use crate::metrics::{GatewayInstruments, Metrics};
 use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
 use crate::sse::SseRelay;
 use crate::store::Counters;
@@ -107,6 +109,7 @@ pub struct Pipeline {
     default_backend: Option<Arc<Backend>>,
     max_body_bytes: usize,
     log: RequestLog,
+    instruments: GatewayInstruments,
     tasks: TaskTracker,
     /// Some policy accounts in `completed`: run it after the response, not before.
     defer_completion: bool,
@@ -120,6 +123,7 @@ pub struct PolicyDeps<'a> {
     pub cache: &'a CacheDeps,
     pub max_body_bytes: usize,
     pub log: RequestLog,
+    pub metrics: &'a Metrics,
     pub tasks: TaskTracker,
 }
 
@@ -145,6 +149,9 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
         PolicyConfig::SemanticCacheStore(c) => {
             Box::new(semantic_cache::SemanticCacheStore::new(c, deps.cache.store()?))
         }
+        PolicyConfig::EmitTokenMetric(c) => Box::new(
+            emit_token_metric::EmitTokenMetric::new(c, &deps.metrics.meter(&c.namespace)).map_err(|e| e.to_string())?,
+        ),
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
             backend: backends
                 .get(&c.backend_id)
@@ -176,6 +183,7 @@ impl Pipeline {
             default_backend: config.backend.as_ref().and_then(|b| deps.backends.get(b).cloned()),
             max_body_bytes: deps.max_body_bytes,
             log: deps.log.clone(),
+            instruments: deps.metrics.gateway.clone(),
             tasks: deps.tasks.clone(),
             defer_completion,
         })
@@ -215,6 +223,7 @@ impl Pipeline {
         for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
             policy.completed(ctx).await;
         }
+        self.instruments.record(ctx);
         self.log.record(ctx);
     }
 
