@@ -877,6 +877,16 @@ mod tests {
     }
 
     #[test]
+    fn emit_token_metric_errors_name_the_dimension() {
+        let with = |policy: &str| MINIMAL.replace("outbound = [", &format!("outbound = [{policy}, "));
+        let valid = with(r#"{ policy = "emit-token-metric", dimensions = [{ name = "team" }] }"#);
+        Config::parse(&valid, &no_env).expect("valid");
+        let message =
+            err(&with(r#"{ policy = "emit-token-metric", dimensions = [{ name = "team" }, { name = "user" }] }"#));
+        assert!(message.starts_with("apis.aoai.outbound[0].dimensions[1].value: \"user\" has no default"), "{message}");
+    }
+
+    #[test]
     fn key_env_must_be_set() {
         let text = MINIMAL.replace(
             "key-sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",

@@ -331,7 +331,7 @@ fn check_export(requests: &[ExportMetricsServiceRequest], calls: &Calls, service
 
 /// Samples of a Prometheus text page: (name, labels, value). Panics on a line that is not a
 /// comment, a sample of a family declared by a TYPE line, or blank.
-fn parse_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+fn parse_prometheus(text: &str) -> Vec<Sample> {
     let mut types: HashMap<String, String> = HashMap::new();
     let mut samples = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
@@ -420,18 +420,29 @@ async fn check_prometheus(gw: &Gateway, calls: &Calls) {
     }
 }
 
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// The sum of the samples of `name` whose labels include `labels`.
+fn sum_of(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
+async fn scrape(gw: &Gateway) -> (String, Vec<Sample>) {
+    let text = client().get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.expect("text");
+    let samples = parse_prometheus(&text);
+    (text, samples)
+}
+
 /// The client that left mid-stream is counted once the gateway has drained the backend.
 async fn wait_for_disconnect(gw: &Gateway) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let text =
-            client().get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.expect("text");
-        let disconnects: f64 = parse_prometheus(&text)
-            .iter()
-            .filter(|(name, labels, _)| name == "aigw_stream_client_disconnects_total" && labels["api"] == "plain")
-            .map(|(_, _, v)| v)
-            .sum();
-        if disconnects == 1.0 {
+        let (text, samples) = scrape(gw).await;
+        if sum_of(&samples, "aigw_stream_client_disconnects_total", &[("api", "plain")]) == 1.0 {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "no client disconnect counted:\n{text}");
@@ -500,4 +511,67 @@ async fn bad_otel_variables_stop_start_up_naming_the_variable() {
         assert!(lines.contains(&format!("{variable}: ")), "{variable} named in:\n{lines}");
     }
     let _ = std::fs::remove_file(config);
+}
+
+/// A semantic cache hit costs no backend tokens: it shows as saved tokens (the cached answer's
+/// usage), while the calls that reached the backend show as usage.
+#[tokio::test]
+async fn cache_hits_count_as_saved_tokens_not_usage() {
+    let cached_api = r#"
+[apis.cached]
+kind = "openai"
+path = "/cached"
+backend = "openai"
+inbound = [{ policy = "semantic-cache-lookup" }]
+outbound = [
+  { policy = "semantic-cache-store" },
+  { policy = "emit-token-metric", dimensions = [{ name = "team" }, { name = "cache" }] },
+]
+"#;
+    let (_sim, gw) = start_pair(&[], cached_api).await;
+    let body = chat_body("What is the boiling point of water at sea level?", false);
+    let (mut usage, mut saved, mut hits) = (0, 0, 0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // The answer is stored once the first call completes; ask until a hit comes back.
+    while hits == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no cache hit");
+        let response = client()
+            .post(format!("{}/cached/v1/chat/completions", gw.url))
+            .header("api-key", KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200);
+        let status = response.headers()["x-llm-cache-status"].to_str().expect("ascii").to_owned();
+        let answer: Value = response.json().await.expect("json");
+        let total = answer["usage"]["total_tokens"].as_u64().expect("usage");
+        match status.as_str() {
+            "hit" => {
+                hits += 1;
+                saved += total;
+            }
+            "miss" => usage += total,
+            other => panic!("cache status {other}"),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (text, samples) = scrape(&gw).await;
+        let team = ("team", "team-a");
+        let seen = (
+            sum_of(&samples, "aigw_llm_total_tokens_total", &[team]),
+            sum_of(&samples, "aigw_llm_total_tokens_total", &[team, ("cache", "miss")]),
+            sum_of(&samples, "aigw_llm_saved_tokens_total", &[team, ("cache", "hit")]),
+            sum_of(&samples, "aigw_cache_lookups_total", &[("api", "cached"), ("result", "hit")]),
+        );
+        if seen == (usage as f64, usage as f64, saved as f64, 1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "(usage, usage on misses, saved on hits, hits) = {seen:?}, expected ({usage}, {usage}, {saved}, 1):\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling with a deadline
+    }
 }
