@@ -417,6 +417,7 @@ pub enum PolicyConfig {
     QuotaByKey(CallLimitConfig),
     SemanticCacheLookup(SemanticCacheLookupConfig),
     SemanticCacheStore(SemanticCacheStoreConfig),
+    EmitTokenMetric(EmitTokenMetricConfig),
 }
 
 impl PolicyConfig {
@@ -429,6 +430,7 @@ impl PolicyConfig {
             Self::QuotaByKey(_) => "quota-by-key",
             Self::SemanticCacheLookup(_) => "semantic-cache-lookup",
             Self::SemanticCacheStore(_) => "semantic-cache-store",
+            Self::EmitTokenMetric(_) => "emit-token-metric",
         }
     }
 }
@@ -576,6 +578,31 @@ pub struct SemanticCacheStoreConfig {
 
 fn default_cache_duration() -> u64 {
     3600
+}
+
+/// API Management's llm-emit-token-metric: each call's token counts as metrics, with dimensions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EmitTokenMetricConfig {
+    /// The meter (instrumentation scope) name; `otel_scope_name` on `/metrics`.
+    #[serde(default = "default_metric_namespace")]
+    pub namespace: String,
+    /// At most 10; see `policy::emit_token_metric` for the names that need no value.
+    #[serde(default)]
+    pub dimensions: Vec<MetricDimensionConfig>,
+}
+
+fn default_metric_namespace() -> String {
+    "aigw".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricDimensionConfig {
+    pub name: String,
+    /// A template; optional for the known names, which have a default.
+    #[serde(default)]
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -787,6 +814,10 @@ impl Config {
                                 return Err(ConfigError::at(at("policy"), "semantic-cache-lookup belongs in inbound"));
                             }
                             self.validate_cache_lookup(p, &at)?;
+                        }
+                        PolicyConfig::EmitTokenMetric(p) => {
+                            crate::policy::emit_token_metric::Dimension::parse_all(p)
+                                .map_err(|e| ConfigError::at(at(&e.path), e.message))?;
                         }
                         PolicyConfig::SemanticCacheStore(p) => {
                             if section != "outbound" {
@@ -1205,6 +1236,16 @@ mod tests {
             "{}",
             err(&unknown)
         );
+    }
+
+    #[test]
+    fn emit_token_metric_errors_name_the_dimension() {
+        let with = |policy: &str| MINIMAL.replace("outbound = [", &format!("outbound = [{policy}, "));
+        let valid = with(r#"{ policy = "emit-token-metric", dimensions = [{ name = "team" }] }"#);
+        Config::parse(&valid, &no_env).expect("valid");
+        let message =
+            err(&with(r#"{ policy = "emit-token-metric", dimensions = [{ name = "team" }, { name = "user" }] }"#));
+        assert!(message.starts_with("apis.aoai.outbound[0].dimensions[1].value: \"user\" has no default"), "{message}");
     }
 
     #[test]

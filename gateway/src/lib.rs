@@ -14,6 +14,7 @@ pub mod embed;
 pub mod error;
 pub mod identity;
 pub mod ledger;
+pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod pool;

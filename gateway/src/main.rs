@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use aigw::config::Config;
+use aigw::metrics::Metrics;
 use aigw::quickstart;
 use aigw::server::{Gateway, instance_id};
 use clap::{Parser, Subcommand};
@@ -261,7 +262,16 @@ async fn run(command: Command) -> ExitCode {
     };
 
     let listen = config.server.listen;
-    let gateway = match Gateway::build(config, &env) {
+    let instance = instance_id();
+    let metrics = match Metrics::start(&env, &instance) {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics configuration error (OpenTelemetry environment variables)");
+            return ExitCode::from(2);
+        }
+    };
+    let exports_otlp = metrics.exports_otlp();
+    let gateway = match Gateway::build(config, &env, metrics) {
         Ok(gateway) => gateway,
         Err(e) => {
             tracing::error!(error = %e, "configuration error");
@@ -283,9 +293,8 @@ async fn run(command: Command) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(listen);
-    let instance = instance_id();
     let apis: Vec<&String> = gateway.config.apis.keys().collect();
-    tracing::info!(addr = %addr, url = %format!("http://{addr}"), instance = %instance, apis = ?apis, "aigw listening");
+    tracing::info!(addr = %addr, url = %format!("http://{addr}"), instance = %instance, apis = ?apis, otlp_metrics = exports_otlp, "aigw listening");
     if let Some(key) = &quickstart_key {
         println!("{}", quickstart::banner(&format!("http://{addr}"), key));
     }

@@ -11,6 +11,7 @@
 //!    [`Pipeline`]), and OpenAI-shaped 404/405 fallbacks.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +42,7 @@ use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestCon
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::ledger::chargeback::Prices;
+use crate::metrics::Metrics;
 use crate::policy::{Pipeline, PolicyDeps};
 use crate::pool::{self, Target};
 use crate::store::redis::RedisStore;
@@ -59,6 +61,7 @@ pub struct Gateway {
     proxies: Arc<TrustedProxies>,
     ledger: Arc<Ledger>,
     admin_key: Option<KeyDigest>,
+    metrics: Metrics,
 }
 
 /// The counter store, chosen once: Redis when configured (shared by every instance), else memory.
@@ -128,7 +131,7 @@ const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
 ];
 
 impl Gateway {
-    pub fn build(config: Config, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+    pub fn build(config: Config, env: EnvLookup<'_>, metrics: Metrics) -> Result<Self, ConfigError> {
         let mut backends = BTreeMap::new();
         let mut tokens = crate::identity::TokenCaches::default();
         for (id, backend) in &config.backends {
@@ -152,6 +155,7 @@ impl Gateway {
             ledger: &ledger,
             max_body_bytes: config.server.max_body_bytes,
             log: log.clone(),
+            metrics: &metrics,
             tasks: shared.tasks.clone(),
         };
         let mut apis = Vec::new();
@@ -161,17 +165,18 @@ impl Gateway {
         }
         let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
         let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
-        Ok(Self { config, backends, targets, apis, shared, log, counters, proxies, ledger, admin_key })
+        Ok(Self { config, backends, targets, apis, shared, log, counters, proxies, ledger, admin_key, metrics })
     }
 
     pub fn router(&self, instance: &str) -> Router {
         let ready_shared = self.shared.clone();
         let counters = self.counters.clone();
         let targets = self.targets.clone();
+        let metrics = self.metrics.clone();
         let mut router = Router::new()
             .route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
             .route("/ready", get(move || ready(ready_shared.clone(), targets.clone())))
-            .route("/metrics", get(move || metrics(counters.clone())))
+            .route("/metrics", get(move || prometheus(metrics.clone(), counters.clone())))
             .merge(admin::routes(self.admin_key, self.ledger.clone(), Prices::from_config(&self.config.prices)));
         for (kind, prefix, pipeline) in &self.apis {
             match kind {
@@ -257,7 +262,8 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests (streams
-    /// included) and their accounting finish within the grace period, and returns.
+    /// included) and their accounting finish within the grace period, exports the metrics
+    /// recorded last, and returns.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -295,23 +301,30 @@ impl Gateway {
             deadline
         };
         tokio::pin!(deadline);
-        tokio::select! {
-            served = server => served?,
-            _ = &mut deadline => {
-                tracing::warn!(in_flight = shared.tasks.len(), "shutdown grace period over; exiting with requests still in flight");
-                return Ok(());
+        let served = tokio::select! {
+            served = server => Some(served),
+            _ = &mut deadline => None,
+        };
+        match served {
+            Some(Ok(())) => {
+                shared.tasks.close();
+                if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+                    tracing::warn!(
+                        in_flight = shared.tasks.len(),
+                        "shutdown grace period over; exiting with accounting unfinished"
+                    );
+                }
             }
-        }
-        shared.tasks.close();
-        if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
-            tracing::warn!(
+            Some(Err(e)) => return Err(e),
+            None => tracing::warn!(
                 in_flight = shared.tasks.len(),
-                "shutdown grace period over; exiting with accounting unfinished"
-            );
+                "shutdown grace period over; exiting with requests still in flight"
+            ),
         }
         // After in-flight requests, whose completions append to it.
         self.ledger.flush().await;
         self.log.flush();
+        self.metrics.shutdown().await;
         Ok(())
     }
 }
@@ -368,11 +381,14 @@ async fn ready(shared: Arc<Shared>, targets: Arc<BTreeMap<String, Target>>) -> R
     }
 }
 
-/// Prometheus text for what has no other home yet: the counter store's health.
-async fn metrics(counters: Arc<Counters>) -> Response {
+/// Prometheus text: the OpenTelemetry instruments, then the counter store's health (plain
+/// counters, without labels, as the limit benchmarks and dashboards read them).
+async fn prometheus(metrics: Metrics, counters: Arc<Counters>) -> Response {
     let stats = &counters.stats;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let body = format!(
+    let mut body = metrics.prometheus_text();
+    let _ = write!(
+        body,
         "# HELP aigw_limit_store_failures_total Counter-store operations that failed, timed out, or were skipped while the breaker was open.\n\
          # TYPE aigw_limit_store_failures_total counter\n\
          aigw_limit_store_failures_total {}\n\

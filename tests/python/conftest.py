@@ -203,7 +203,7 @@ def sim(tmp_path_factory, base_env) -> Sim:
         process.stop()
 
 
-GATEWAY_CONFIG = """\
+GATEWAY_PREAMBLE = """\
 # Written by tests/python/conftest.py
 [server]
 listen = "127.0.0.1:0"
@@ -228,6 +228,9 @@ team = "team-b"
 apis = ["*"]
 key-sha256 = "{hashed_key_sha256}"
 
+"""
+
+GATEWAY_CONFIG = GATEWAY_PREAMBLE + """\
 [apis.aoai]
 kind = "openai"
 backend = "sim"
@@ -259,11 +262,25 @@ inbound = [
 """
 
 
-def _start_gateway(name, backend_kind, backend_url, backend_auth, expected_auth, sim, tmp_path_factory, base_env):
+# A gateway of its own for the metrics tests (its counters see only their calls): `aoai`, which
+# both teams may call, emits token metrics per team, subscription and model.
+METRICS_GATEWAY_CONFIG = GATEWAY_PREAMBLE + """\
+[apis.aoai]
+kind = "openai"
+backend = "sim"
+outbound = [
+  {{ policy = "emit-token-metric", namespace = "aigw", dimensions = [{{ name = "team" }}, {{ name = "subscription" }}, {{ name = "model" }}] }},
+]
+"""
+
+
+def _start_gateway(
+    name, backend_kind, backend_url, backend_auth, expected_auth, sim, tmp_path_factory, base_env, config=GATEWAY_CONFIG
+):
     work = tmp_path_factory.mktemp(f"aigw-{name}")
     config_path = work / "aigw.toml"
     config_path.write_text(
-        GATEWAY_CONFIG.format(
+        config.format(
             backend_url=backend_url,
             backend_kind=backend_kind,
             backend_auth=backend_auth,
@@ -297,11 +314,10 @@ def _start_gateway(name, backend_kind, backend_url, backend_auth, expected_auth,
     )
 
 
-@pytest.fixture(scope="session")
-def openai_gateway(sim, tmp_path_factory, base_env) -> Gateway:
-    """A gateway whose backend is kind "openai" with bearer auth."""
+def _bearer_gateway(name, sim, tmp_path_factory, base_env, config=GATEWAY_CONFIG):
+    """A gateway whose backend is kind "openai" with bearer auth, stopped when the fixture ends."""
     gw = _start_gateway(
-        "openai",
+        name,
         "openai",
         sim.url + "/v1",
         '{ type = "bearer", env = "SIM_BACKEND_KEY" }',
@@ -309,11 +325,18 @@ def openai_gateway(sim, tmp_path_factory, base_env) -> Gateway:
         sim,
         tmp_path_factory,
         base_env,
+        config=config,
     )
     try:
         yield gw
     finally:
         gw.process.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_gateway(sim, tmp_path_factory, base_env) -> Gateway:
+    """A gateway whose backend is kind "openai" with bearer auth."""
+    yield from _bearer_gateway("openai", sim, tmp_path_factory, base_env)
 
 
 @pytest.fixture(scope="session")
@@ -333,6 +356,12 @@ def azure_gateway(sim, tmp_path_factory, base_env) -> Gateway:
         yield gw
     finally:
         gw.process.stop()
+
+
+@pytest.fixture(scope="module")
+def metrics_gateway(sim, tmp_path_factory, base_env) -> Gateway:
+    """A gateway of its own (kind "openai" backend) whose `aoai` API emits token metrics."""
+    yield from _bearer_gateway("metrics", sim, tmp_path_factory, base_env, config=METRICS_GATEWAY_CONFIG)
 
 
 @pytest.fixture(scope="session", params=["openai", "azure"])

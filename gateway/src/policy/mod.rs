@@ -13,8 +13,9 @@
 //!    Then every policy may add its response headers (limit policies report what is left).
 //! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
 //!    client left), with the usage known, and always off the response path (in a task of its
-//!    own). Accounting (token limits, metrics) hooks in here; then the call's usage is appended
-//!    to the ledger, and the request log line is written.
+//!    own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
+//!    appended to the ledger, the gateway's own metrics are recorded, and the request log line
+//!    is written.
 //!
 //! A client that disconnects cannot cut steps 2-5 short: the server moves a run whose client went
 //! away into a task of its own (see `server::CompleteOnDrop`), and a streamed response is relayed
@@ -24,6 +25,7 @@
 //! and a line in [`build_policy`].
 
 pub mod call_limit;
+pub mod emit_token_metric;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
@@ -51,6 +53,7 @@ use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
+use crate::metrics::{GatewayInstruments, Metrics};
 use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
 use crate::pool::Target;
 use crate::sse::SseRelay;
@@ -107,6 +110,7 @@ pub struct Pipeline {
     default_target: Option<Target>,
     max_body_bytes: usize,
     log: RequestLog,
+    instruments: GatewayInstruments,
     tasks: TaskTracker,
     ledger: Arc<Ledger>,
 }
@@ -121,6 +125,7 @@ pub struct PolicyDeps<'a> {
     pub ledger: &'a Arc<Ledger>,
     pub max_body_bytes: usize,
     pub log: RequestLog,
+    pub metrics: &'a Metrics,
     pub tasks: TaskTracker,
 }
 
@@ -145,6 +150,9 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
         PolicyConfig::SemanticCacheStore(c) => {
             Box::new(semantic_cache::SemanticCacheStore::new(c, deps.cache.store()?))
         }
+        PolicyConfig::EmitTokenMetric(c) => Box::new(
+            emit_token_metric::EmitTokenMetric::new(c, &deps.metrics.meter(&c.namespace)).map_err(|e| e.to_string())?,
+        ),
         PolicyConfig::SetBackendService(c) => Box::new(set_backend_service::SetBackendService {
             target: deps
                 .targets
@@ -176,6 +184,7 @@ impl Pipeline {
             default_target: config.backend.as_ref().and_then(|b| deps.targets.get(b).cloned()),
             max_body_bytes: deps.max_body_bytes,
             log: deps.log.clone(),
+            instruments: deps.metrics.gateway.clone(),
             tasks: deps.tasks.clone(),
             ledger: deps.ledger.clone(),
         })
@@ -215,6 +224,7 @@ impl Pipeline {
             policy.completed(ctx).await;
         }
         self.ledger.record(ctx).await;
+        self.instruments.record(ctx);
         self.log.record(ctx);
     }
 

@@ -3,8 +3,9 @@
 //! placeholder is a configuration error, and rendering is a walk over pre-split segments.
 //!
 //! Placeholders: `subscription.id`, `subscription.name`, `subscription.team`, `api.id`,
-//! `operation.id`, `request.id`, `client.ip`, `model`, `backend.id`, `request.header.<name>`,
-//! `variable.<name>`. `{{` and `}}` stand for literal braces.
+//! `operation.id`, `request.id`, `client.ip`, `model`, `backend.id`, `cache.status` (hit, miss,
+//! bypass, error; `none` without a cache lookup), `request.header.<name>`, `variable.<name>`.
+//! `{{` and `}}` stand for literal braces.
 
 use std::fmt::Write;
 
@@ -24,6 +25,7 @@ enum Segment {
     ClientIp,
     Model,
     BackendId,
+    CacheStatus,
     Header(HeaderName),
     Variable(String),
 }
@@ -69,6 +71,14 @@ impl Template {
         self.segments.iter().any(|s| matches!(s, Segment::Model))
     }
 
+    /// Whether rendering copies a header that carries credentials (such values must not end up in
+    /// metrics or logs).
+    pub fn reads_credential_header(&self) -> bool {
+        const CREDENTIALS: [&str; 6] =
+            ["authorization", "proxy-authorization", "api-key", "ocp-apim-subscription-key", "x-api-key", "cookie"];
+        self.segments.iter().any(|s| matches!(s, Segment::Header(name) if CREDENTIALS.contains(&name.as_str())))
+    }
+
     /// The value for this request; placeholders with no value (no subscription yet, a missing
     /// header) render as empty text.
     pub fn render(&self, ctx: &RequestContext) -> String {
@@ -92,6 +102,7 @@ impl Template {
                     (None, Some(target)) => target.id(),
                     (None, None) => "",
                 }),
+                Segment::CacheStatus => out.push_str(ctx.cache.as_ref().map_or("none", |c| c.status.name())),
                 Segment::Header(name) => {
                     out.push_str(ctx.request.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or(""));
                 }
@@ -113,6 +124,7 @@ fn placeholder(name: &str) -> Result<Segment, String> {
         "client.ip" => Segment::ClientIp,
         "model" => Segment::Model,
         "backend.id" => Segment::BackendId,
+        "cache.status" => Segment::CacheStatus,
         _ => {
             if let Some(header) = name.strip_prefix("request.header.") {
                 let header = HeaderName::try_from(header).map_err(|_| format!("not a header name: {header:?}"))?;
@@ -122,7 +134,8 @@ fn placeholder(name: &str) -> Result<Segment, String> {
             } else {
                 return Err(format!(
                     "unknown placeholder {{{name}}} (known: subscription.id, subscription.name, subscription.team, api.id, \
-                     operation.id, request.id, client.ip, model, backend.id, request.header.<name>, variable.<name>)"
+                     operation.id, request.id, client.ip, model, backend.id, cache.status, request.header.<name>, \
+                     variable.<name>)"
                 ));
             }
         }
@@ -144,5 +157,8 @@ mod tests {
         assert!(Template::parse("{team").is_err());
         assert!(Template::parse("team}").is_err());
         assert!(Template::parse("{request.header.bad header}").is_err());
+        assert!(Template::parse("{cache.status}").is_ok());
+        assert!(Template::parse("k={request.header.Api-Key}").expect("valid").reads_credential_header());
+        assert!(!Template::parse("{request.header.x-user}").expect("valid").reads_credential_header());
     }
 }

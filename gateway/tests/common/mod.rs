@@ -283,6 +283,11 @@ backend = "azure"
 
 /// Simulator (requiring the backend key) and gateway with [`config`].
 pub async fn start_pair(sim_args: &[&str], extra: &str) -> (Sim, Gateway) {
+    start_pair_with_env(sim_args, extra, &[]).await
+}
+
+/// [`start_pair`] with more environment variables for the gateway.
+pub async fn start_pair_with_env(sim_args: &[&str], extra: &str, env: &[(&str, &str)]) -> (Sim, Gateway) {
     let mut args = vec!["--api-key", BACKEND_KEY];
     args.extend_from_slice(sim_args);
     // The OpenAI-kind backend sends no credential; give it one too so the simulator accepts it.
@@ -292,7 +297,9 @@ pub async fn start_pair(sim_args: &[&str], extra: &str) -> (Sim, Gateway) {
         "kind = \"openai\"\n\n[backends.azure]",
         "kind = \"openai\"\nauth = { type = \"bearer\", env = \"SIM_BACKEND_KEY\" }\n\n[backends.azure]",
     );
-    let gateway = Gateway::start(&toml, &[("SIM_BACKEND_KEY", BACKEND_KEY), ("OTHER_KEY", OTHER_KEY)]).await;
+    let mut all_env = vec![("SIM_BACKEND_KEY", BACKEND_KEY), ("OTHER_KEY", OTHER_KEY)];
+    all_env.extend_from_slice(env);
+    let gateway = Gateway::start(&toml, &all_env).await;
     (sim, gateway)
 }
 
