@@ -218,7 +218,7 @@ async fn run(command: Command) -> ExitCode {
     let env = |name: &str| std::env::var(name).ok();
     // The simulator must outlive the server; it is stopped when this scope ends.
     let mut _simulator = None;
-    let (config, quickstart_key) = match command {
+    let (config, quickstart_keys) = match command {
         Command::Serve { config: path, listen } => match Config::load(&path, &env) {
             Ok(mut config) => {
                 config.server.listen = listen.unwrap_or(config.server.listen);
@@ -244,11 +244,11 @@ async fn run(command: Command) -> ExitCode {
                     }
                 },
             };
-            let key = quickstart::demo_key();
-            match quickstart::config(&key, &sim_url) {
+            let keys = quickstart::Keys::from_env();
+            match quickstart::config(&keys, &sim_url) {
                 Ok(mut config) => {
                     config.server.listen = listen;
-                    (config, Some(key))
+                    (config, Some(keys))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the embedded quickstart configuration is invalid");
@@ -295,8 +295,8 @@ async fn run(command: Command) -> ExitCode {
     let addr = listener.local_addr().unwrap_or(listen);
     let apis: Vec<&String> = gateway.config.apis.keys().collect();
     tracing::info!(addr = %addr, url = %format!("http://{addr}"), instance = %instance, apis = ?apis, otlp_metrics = exports_otlp, "aigw listening");
-    if let Some(key) = &quickstart_key {
-        println!("{}", quickstart::banner(&format!("http://{addr}"), key));
+    if let Some(keys) = &quickstart_keys {
+        println!("{}", quickstart::banner(&format!("http://{addr}"), keys));
     }
     for backend in gateway.backends.values() {
         tokio::spawn(probe(backend.id.clone(), backend.base_url().to_owned()));

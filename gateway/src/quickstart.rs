@@ -14,20 +14,49 @@ use crate::config::{Config, ConfigError};
 
 pub const CONFIG: &str = include_str!("../../policies/quickstart.toml");
 pub const DEMO_KEY_ENV: &str = "AIGW_DEMO_KEY";
+pub const ADMIN_KEY_ENV: &str = "AIGW_ADMIN_KEY";
 const SIM_BACKEND: &str = "sim";
 
-/// The demo key: `AIGW_DEMO_KEY`, else a random one.
-pub fn demo_key() -> String {
-    std::env::var(DEMO_KEY_ENV)
-        .ok()
-        .filter(|k| !k.trim().is_empty())
-        .unwrap_or_else(|| format!("aigw-demo-{}", uuid::Uuid::new_v4().simple()))
+/// The quickstart's keys: each from its variable, else made up at start-up.
+pub struct Keys {
+    /// The demo subscription's key.
+    pub demo: String,
+    /// The admin API's key (`/admin/chargeback`).
+    pub admin: String,
 }
 
-/// The quickstart configuration pointed at the simulator at `sim_url`.
-pub fn config(demo_key: &str, sim_url: &str) -> Result<Config, ConfigError> {
-    let env = |name: &str| if name == DEMO_KEY_ENV { Some(demo_key.to_owned()) } else { std::env::var(name).ok() };
+impl Keys {
+    pub fn from_env() -> Self {
+        let key = |var: &str, prefix: &str| {
+            std::env::var(var)
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+                .unwrap_or_else(|| format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
+        };
+        Self { demo: key(DEMO_KEY_ENV, "aigw-demo"), admin: key(ADMIN_KEY_ENV, "aigw-admin") }
+    }
+}
+
+/// The quickstart configuration pointed at the simulator at `sim_url`. The keys go into it as
+/// their SHA-256, so the gateway built from it needs no environment variable for them (the
+/// made-up ones exist in no environment).
+pub fn config(keys: &Keys, sim_url: &str) -> Result<Config, ConfigError> {
+    let env = |name: &str| match name {
+        DEMO_KEY_ENV => Some(keys.demo.clone()),
+        ADMIN_KEY_ENV => Some(keys.admin.clone()),
+        _ => std::env::var(name).ok(),
+    };
     let mut config = Config::parse(CONFIG, &env)?;
+    for subscription in &mut config.subscriptions {
+        if subscription.key_env.as_deref() == Some(DEMO_KEY_ENV) {
+            subscription.key_env = None;
+            subscription.key_sha256 = Some(sha256_hex(&keys.demo));
+        }
+    }
+    if let Some(admin) = &mut config.admin {
+        admin.key_env = None;
+        admin.key_sha256 = Some(sha256_hex(&keys.admin));
+    }
     let backend = config
         .backends
         .get_mut(SIM_BACKEND)
@@ -85,11 +114,18 @@ pub async fn start_simulator(explicit: Option<&Path>) -> Result<Simulator, Strin
     Ok(Simulator { url, _child: child })
 }
 
+fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
 /// What the quickstart prints once it listens.
-pub fn banner(base: &str, key: &str) -> String {
+pub fn banner(base: &str, keys: &Keys) -> String {
+    let Keys { demo: key, admin } = keys;
     format!(
         "\n  aigw quickstart is running at {base}  (backend: llm-sim; any model name works)\n\
          \n  demo subscription key: {key}\n\
+         \n  admin key: {admin}\n    curl -s -H 'Authorization: Bearer {admin}' '{base}/admin/chargeback?group-by=team&format=csv'\n\
          \n  try:\n    curl -s {base}/v1/chat/completions \\\n      -H 'api-key: {key}' -H 'content-type: application/json' \\\n      \
          -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n\
          \n  OpenAI SDK: OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")\

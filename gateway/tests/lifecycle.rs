@@ -56,7 +56,7 @@ async fn check_config_reports_the_path_of_the_bad_field() {
         (config(&sim, "").replace("max-body-bytes = 65536", "max-body-bytes = \"lots\""), "server.max-body-bytes"),
         (
             config(&sim, "").replace("backend = \"azure\"", "backend = \"azur\""),
-            "apis.azure.backend: unknown backend \"azur\"",
+            "apis.azure.backend: unknown backend or pool \"azur\"",
         ),
         (config(&sim, "inbound = [{ policy = \"set-header\", nmae = \"x\" }]"), "apis.azure.inbound[0]"),
         (config(&sim, "inbound = [{ policy = \"rate-limit-everything\" }]"), "apis.azure.inbound[0]"),
@@ -127,10 +127,14 @@ async fn quickstart_runs_on_one_command_with_the_given_key() {
     let mut command = Command::new(aigw_bin());
     command.current_dir(fresh_dir("quickstart"));
     command.args(["quickstart", "--listen", "127.0.0.1:0", "--sim", sim_bin().to_str().expect("utf-8")]);
-    command.env("AIGW_DEMO_KEY", "my-demo-key").env_remove("AIGW_LISTEN");
+    command.env("AIGW_DEMO_KEY", "my-demo-key").env_remove("AIGW_LISTEN").env_remove("AIGW_ADMIN_KEY");
     let mut proc = Proc::spawn(command);
     let banner = proc.wait_line("the banner's key line", |l| l.contains("demo subscription key:")).await;
     assert!(banner.contains("my-demo-key"));
+    // No AIGW_ADMIN_KEY: the quickstart makes one up, prints it, and it works.
+    let admin_line = proc.wait_line("the banner's admin key line", |l| l.contains("admin key:")).await;
+    let admin_key = admin_line.rsplit(' ').next().expect("admin key").to_owned();
+    assert!(admin_key.starts_with("aigw-admin-"), "{admin_line}");
     let listening: serde_json::Value =
         serde_json::from_str(&proc.wait_line("listening", |l| l.contains("\"aigw listening\"")).await).expect("json");
     let url = format!("http://{}", listening["addr"].as_str().expect("addr"));
@@ -154,6 +158,25 @@ async fn quickstart_runs_on_one_command_with_the_given_key() {
             .expect("content")
             .contains(&prompt_marker("hello quickstart"))
     );
+    // The call is billed to the demo team, read with the made-up admin key.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let chargeback: serde_json::Value = client()
+            .get(format!("{url}/admin/chargeback?group-by=team"))
+            .bearer_auth(&admin_key)
+            .send()
+            .await
+            .expect("chargeback")
+            .json()
+            .await
+            .expect("json");
+        if chargeback["rows"][0]["team"] == "demo-team" {
+            assert_eq!(chargeback["rows"][0]["requests"], 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{chargeback}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A clean stop also stops the simulator it started.
     proc.signal("TERM");
     assert_eq!(proc.wait_exit(Duration::from_secs(15)).await.code(), Some(0));

@@ -74,6 +74,8 @@ class Process:
             env=env,
             text=True,
             bufsize=1,
+            # Each process in a directory of its own: the embedded ledger is a file under it.
+            cwd=log_dir,
         )
         self._reader = threading.Thread(target=self._drain, name=f"{name}-stdout", daemon=True)
         self._reader.start()

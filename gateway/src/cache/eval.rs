@@ -111,7 +111,8 @@ pub async fn run(
         None => {
             let source = "the quickstart configuration (policies/quickstart.toml)".to_owned();
             // The simulator's address does not matter here: nothing is sent to it.
-            let config = crate::quickstart::config("cache-eval", "http://127.0.0.1:8081")
+            let keys = crate::quickstart::Keys { demo: "cache-eval".to_owned(), admin: "cache-eval-admin".to_owned() };
+            let config = crate::quickstart::config(&keys, "http://127.0.0.1:8081")
                 .map_err(|e| EvalError::Config { source: source.clone(), detail: e.to_string() })?;
             (config, source)
         }
