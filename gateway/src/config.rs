@@ -1261,7 +1261,8 @@ mod tests {
 
     #[test]
     fn shipped_policy_documents_are_valid() {
-        let env = |_: &str| Some("value".to_owned());
+        // A distinct value per variable: the admin key must differ from every subscription key.
+        let env = |name: &str| Some(format!("value-of-{name}"));
         for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")).expect("policies/") {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "toml") {

@@ -165,6 +165,7 @@ impl Gateway {
         }
         let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
         let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
+        metrics.observe(&backends, ledger.clone());
         Ok(Self { config, backends, targets, apis, shared, log, counters, proxies, ledger, admin_key, metrics })
     }
 

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{BucketKey, Buckets, Counts, LedgerError, LedgerStore, UsageRecord, lock};
+use super::{BucketKey, Buckets, Counts, LedgerError, LedgerStore, UsageRecord, WriteFailures, lock};
 
 /// How many recent request ids are remembered for deduplication.
 pub const RECENT_IDS: usize = 100_000;
@@ -282,6 +282,10 @@ impl Drop for Journal {
 
 #[async_trait]
 impl LedgerStore for EmbeddedLedger {
+    fn write_failures(&self) -> WriteFailures {
+        WriteFailures { failed: self.journal.stats.flush_failures.load(Ordering::Relaxed), dropped: 0 }
+    }
+
     async fn append(&self, record: UsageRecord) {
         let mut state = lock(&self.journal.state);
         if !state.seen.insert(&record.request_id) {

@@ -209,6 +209,18 @@ pub trait LedgerStore: Send + Sync {
 
     /// Writes out whatever is still held in memory (at shutdown).
     async fn flush(&self) -> Result<(), LedgerError>;
+
+    /// What went wrong writing so far, for the metrics.
+    fn write_failures(&self) -> WriteFailures;
+}
+
+/// Counts of the store's write troubles since start-up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteFailures {
+    /// Writes that failed or timed out (the records are kept and retried).
+    pub failed: u64,
+    /// Records given up on because the retry queue was full.
+    pub dropped: u64,
 }
 
 /// The gateway's ledger: the store chosen at start-up.
@@ -239,6 +251,10 @@ impl Ledger {
         if let Some(record) = UsageRecord::of(ctx, SystemClock.now_ms() / 1000) {
             self.store.append(record).await;
         }
+    }
+
+    pub fn write_failures(&self) -> WriteFailures {
+        self.store.write_failures()
     }
 
     pub async fn flush(&self) {

@@ -26,7 +26,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{BucketKey, Counts, LedgerError, LedgerStore, UsageRecord, lock};
+use super::{BucketKey, Counts, LedgerError, LedgerStore, UsageRecord, WriteFailures, lock};
 use crate::store::breaker::Breaker;
 use crate::store::redis::lazy_connection;
 
@@ -182,6 +182,14 @@ async fn retry_failed(inner: Arc<Inner>) {
 
 #[async_trait]
 impl LedgerStore for RedisLedger {
+    fn write_failures(&self) -> WriteFailures {
+        let stats = &self.inner.stats;
+        WriteFailures {
+            failed: stats.append_failures.load(Ordering::Relaxed),
+            dropped: stats.dropped.load(Ordering::Relaxed),
+        }
+    }
+
     async fn append(&self, record: UsageRecord) {
         if let Err(error) = self.inner.send(&record, true).await {
             self.inner.keep_for_retry(record, &error);

@@ -13,11 +13,12 @@
 mod otlp;
 pub mod prometheus;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry::metrics::{AsyncInstrument, Counter, Histogram, Meter, MeterProvider};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -25,9 +26,12 @@ use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
 
+use crate::backend::Backend;
+use crate::circuit::{CircuitState, Health};
 use crate::config::EnvLookup;
 use crate::context::RequestContext;
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
 
 /// The meter (instrumentation scope) of the gateway's own instruments.
 const GATEWAY_METER: &str = "aigw";
@@ -96,6 +100,61 @@ impl Metrics {
     /// The meter for instruments of one instrumentation scope (a policy's namespace).
     pub fn meter(&self, scope: &str) -> Meter {
         self.provider.meter_with_scope(InstrumentationScope::builder(scope.to_owned()).build())
+    }
+
+    /// Read-outs of state kept elsewhere, observed at each collection: every backend's circuit
+    /// breaker (state, trips, failures) and the usage ledger's write failures.
+    pub fn observe(&self, backends: &BTreeMap<String, Arc<Backend>>, ledger: Arc<Ledger>) {
+        let meter = self.meter(GATEWAY_METER);
+        let each = |backends: &[Arc<Backend>], read: fn(&Health) -> u64| {
+            let backends = backends.to_vec();
+            move |observer: &dyn AsyncInstrument<u64>| {
+                for backend in &backends {
+                    observer.observe(read(&backend.health()), &[KeyValue::new("backend", backend.id.clone())]);
+                }
+            }
+        };
+        let backends: Vec<Arc<Backend>> = backends.values().cloned().collect();
+        let states = backends.clone();
+        meter
+            .u64_observable_gauge("aigw.backend.circuit.state")
+            .with_description("1 for the state each backend's circuit breaker is in (closed, open, half-open).")
+            .with_callback(move |observer| {
+                for backend in &states {
+                    let current = backend.health().state;
+                    for state in [CircuitState::Closed, CircuitState::Open, CircuitState::HalfOpen] {
+                        let attributes =
+                            [KeyValue::new("backend", backend.id.clone()), KeyValue::new("state", state.name())];
+                        observer.observe(u64::from(state == current), &attributes);
+                    }
+                }
+            })
+            .build();
+        meter
+            .u64_observable_counter("aigw.backend.circuit.trips")
+            .with_unit("{trip}")
+            .with_description("Times a backend's circuit breaker opened.")
+            .with_callback(each(&backends, |health| health.trips))
+            .build();
+        meter
+            .u64_observable_counter("aigw.backend.circuit.failures")
+            .with_unit("{failure}")
+            .with_description("Backend answers and errors the circuit breaker counts as failures (retried ones too).")
+            .with_callback(each(&backends, |health| health.failures))
+            .build();
+        let failed = ledger.clone();
+        meter
+            .u64_observable_counter("aigw.ledger.write_failures")
+            .with_unit("{write}")
+            .with_description("Usage-ledger writes that failed or timed out (the records are kept and retried).")
+            .with_callback(move |observer| observer.observe(failed.write_failures().failed, &[]))
+            .build();
+        meter
+            .u64_observable_counter("aigw.ledger.dropped")
+            .with_unit("{record}")
+            .with_description("Usage records given up on because the ledger's retry queue was full.")
+            .with_callback(move |observer| observer.observe(ledger.write_failures().dropped, &[]))
+            .build();
     }
 
     /// Everything recorded so far, as Prometheus text.
