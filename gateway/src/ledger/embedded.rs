@@ -13,7 +13,8 @@
 //! flushed lines, and at worst a torn last line, which they ignore too.
 //!
 //! Request ids are deduplicated in memory over the most recent [`RECENT_IDS`] appends, which
-//! covers retries of the same completion.
+//! covers retries of the same completion (they come right after it). The gateway's ids are
+//! UUIDs, kept as 16 bytes.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -30,7 +31,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::{BucketKey, Buckets, Counts, LedgerError, LedgerStore, UsageRecord, WriteFailures, lock};
 
 /// How many recent request ids are remembered for deduplication.
-pub const RECENT_IDS: usize = 100_000;
+pub const RECENT_IDS: usize = 16_384;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// One journal line.
@@ -116,14 +117,28 @@ struct State {
 
 #[derive(Default)]
 struct RecentIds {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: HashSet<RequestId>,
+    order: VecDeque<RequestId>,
+}
+
+/// A request id as remembered: the gateway's own are UUIDs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum RequestId {
+    Uuid(u128),
+    Other(Arc<str>),
+}
+
+impl RequestId {
+    fn of(id: &str) -> Self {
+        uuid::Uuid::parse_str(id).map_or_else(|_| Self::Other(id.into()), |uuid| Self::Uuid(uuid.as_u128()))
+    }
 }
 
 impl RecentIds {
     /// Remembers `id`; false if it was seen recently.
     fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
+        let id = RequestId::of(id);
+        if self.set.contains(&id) {
             return false;
         }
         if self.order.len() >= RECENT_IDS
@@ -131,8 +146,8 @@ impl RecentIds {
         {
             self.set.remove(&oldest);
         }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
+        self.set.insert(id.clone());
+        self.order.push_back(id);
         true
     }
 }
