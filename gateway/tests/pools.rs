@@ -265,6 +265,18 @@ async fn when_every_member_is_tripped_clients_get_a_503_with_retry_after_and_rea
     }
     let solo = backend_health(&gw, "solo").await;
     assert_eq!(solo["state"], "closed", "{solo}");
+    // The same health on /metrics, for dashboards and alerts.
+    let metrics =
+        client().get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.expect("text");
+    for line in [
+        r#"aigw_backend_circuit_state{backend="d1",otel_scope_name="aigw",state="open"} 1"#,
+        r#"aigw_backend_circuit_state{backend="d1",otel_scope_name="aigw",state="closed"} 0"#,
+        r#"aigw_backend_circuit_state{backend="solo",otel_scope_name="aigw",state="closed"} 1"#,
+        r#"aigw_backend_circuit_trips_total{backend="d2",otel_scope_name="aigw"} 1"#,
+        r#"aigw_backend_circuit_failures_total{backend="d2",otel_scope_name="aigw"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics:\n{metrics}");
+    }
 
     // A plain backend: its own error first (it tripped the breaker), then 503s while tripped.
     let solo = |gw: &Gateway| {
