@@ -575,3 +575,63 @@ outbound = [
         tokio::time::sleep(Duration::from_millis(50)).await; // polling with a deadline
     }
 }
+
+/// The gateway's own instruments, with no policy configured: request count and status, limit
+/// rejections by kind, and backend errors by backend and kind.
+#[tokio::test]
+async fn limit_rejections_and_backend_errors_are_counted() {
+    let apis = r#"
+[backends.dead]
+url = "http://127.0.0.1:9/v1"
+kind = "openai"
+connect-timeout-ms = 200
+
+[apis.limited]
+kind = "openai"
+path = "/limited"
+backend = "openai"
+inbound = [{ policy = "rate-limit-by-key", calls = 1, renewal-period = 60 }]
+
+[apis.down]
+kind = "openai"
+path = "/down"
+backend = "dead"
+"#;
+    let (_sim, gw) = start_pair(&[], apis).await;
+    let call = |path: &str, fault: Option<&str>| {
+        let mut request = client()
+            .post(format!("{}{path}/v1/chat/completions", gw.url))
+            .header("api-key", KEY)
+            .json(&chat_body("count me", false));
+        if let Some(fault) = fault {
+            request = request.header("x-sim-fault", fault);
+        }
+        request.send()
+    };
+    assert_eq!(call("/limited", None).await.expect("send").status(), 200);
+    assert_eq!(call("/limited", None).await.expect("send").status(), 429);
+    assert_eq!(call("/down", None).await.expect("send").status(), 502);
+    assert_eq!(call("", Some("500")).await.expect("send").status(), 500);
+
+    let expected = [
+        ("http_server_request_duration_seconds_count", vec![("api", "limited")], 2.0),
+        (
+            "http_server_request_duration_seconds_count",
+            vec![("api", "limited"), ("http_response_status_code", "429")],
+            1.0,
+        ),
+        ("aigw_limit_rejections_total", vec![("api", "limited"), ("kind", "rate-limit")], 1.0),
+        ("aigw_backend_errors_total", vec![("backend", "dead"), ("kind", "unavailable")], 1.0),
+        ("aigw_backend_errors_total", vec![("backend", "openai"), ("kind", "5xx")], 1.0),
+    ];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (text, samples) = scrape(&gw).await;
+        let seen: Vec<f64> = expected.iter().map(|(name, labels, _)| sum_of(&samples, name, labels)).collect();
+        if seen.iter().zip(&expected).all(|(got, (_, _, want))| got == want) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{seen:?} for {expected:?}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling with a deadline
+    }
+}
