@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::config::{Config, ConfigError};
+use crate::subscription::key_sha256_hex;
 
 pub const CONFIG: &str = include_str!("../../policies/quickstart.toml");
 pub const DEMO_KEY_ENV: &str = "AIGW_DEMO_KEY";
@@ -50,12 +51,12 @@ pub fn config(keys: &Keys, sim_url: &str) -> Result<Config, ConfigError> {
     for subscription in &mut config.subscriptions {
         if subscription.key_env.as_deref() == Some(DEMO_KEY_ENV) {
             subscription.key_env = None;
-            subscription.key_sha256 = Some(sha256_hex(&keys.demo));
+            subscription.key_sha256 = Some(key_sha256_hex(&keys.demo));
         }
     }
     if let Some(admin) = &mut config.admin {
         admin.key_env = None;
-        admin.key_sha256 = Some(sha256_hex(&keys.admin));
+        admin.key_sha256 = Some(key_sha256_hex(&keys.admin));
     }
     let backend = config
         .backends
@@ -112,11 +113,6 @@ pub async fn start_simulator(explicit: Option<&Path>) -> Result<Simulator, Strin
     // Keep draining its stdout so it can never block on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(Simulator { url, _child: child })
-}
-
-fn sha256_hex(key: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(key.as_bytes()))
 }
 
 /// What the quickstart prints once it listens.

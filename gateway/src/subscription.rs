@@ -100,6 +100,11 @@ fn sha256(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
+/// A key in the form `key-sha256` holds it: lower-case hex SHA-256.
+pub fn key_sha256_hex(key: &str) -> String {
+    hex::encode(sha256(key.as_bytes()))
+}
+
 fn prefix(digest: &Digest32) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
@@ -170,7 +175,7 @@ mod tests {
     use http::HeaderValue;
 
     fn store() -> SubscriptionStore {
-        let hashed = hex::encode(sha256(b"hashed-key"));
+        let hashed = key_sha256_hex("hashed-key");
         let configs = vec![
             SubscriptionConfig {
                 id: "a".into(),
