@@ -42,6 +42,13 @@ pub enum GatewayError {
     BackendTimeout {
         backend: String,
     },
+    /// The backend answered with something the gateway cannot use: an unparsable response head,
+    /// or a body or stream beyond what a well-behaved backend sends. `detail` is the gateway's own
+    /// wording (never the backend's bytes).
+    BackendInvalidResponse {
+        backend: String,
+        detail: &'static str,
+    },
     /// No managed identity token for the backend; `local` when the cause is the gateway's own setup
     /// (500) rather than the token endpoint (502). `reason` never holds a token or assertion.
     BackendToken {
@@ -109,6 +116,7 @@ impl GatewayError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BackendInvalidResponse { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendToken { local: false, .. } => StatusCode::BAD_GATEWAY,
             Self::BackendToken { local: true, .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::TokenLimitExceeded { .. } | Self::TokensOverLimit { .. } | Self::RateLimitExceeded { .. } => {
@@ -131,6 +139,7 @@ impl GatewayError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BackendUnavailable { .. } => "backend_unavailable",
             Self::BackendTimeout { .. } => "backend_timeout",
+            Self::BackendInvalidResponse { .. } => "backend_invalid_response",
             Self::BackendToken { .. } => "backend_token_unavailable",
             Self::NoBackendAvailable { .. } => "no_backend_available",
             Self::TokenLimitExceeded { .. } => "token_limit_exceeded",
@@ -170,6 +179,9 @@ impl GatewayError {
             Self::MethodNotAllowed => "Method not allowed for this route.".to_owned(),
             Self::BackendUnavailable { backend, detail } => format!("Backend {backend:?} is unavailable: {detail}"),
             Self::BackendTimeout { backend } => format!("Backend {backend:?} did not answer in time."),
+            Self::BackendInvalidResponse { backend, detail } => {
+                format!("Backend {backend:?} sent an invalid response: {detail}")
+            }
             Self::BackendToken { backend, reason, .. } => {
                 format!("Could not get a managed identity token for backend {backend:?}: {reason}")
             }

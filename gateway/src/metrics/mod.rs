@@ -296,6 +296,7 @@ fn backend_error(ctx: &RequestContext) -> Option<(&str, &'static str)> {
     match &ctx.outcome.error {
         Some(GatewayError::BackendUnavailable { backend, .. }) => return Some((backend, "unavailable")),
         Some(GatewayError::BackendTimeout { backend }) => return Some((backend, "timeout")),
+        Some(GatewayError::BackendInvalidResponse { backend, .. }) => return Some((backend, "invalid-response")),
         Some(_) => return None,
         None => {}
     }

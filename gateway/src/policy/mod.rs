@@ -368,7 +368,11 @@ async fn send_with_failover(
                 let status = response.status();
                 (status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| status.to_string())
             }
-            Err(error @ (GatewayError::BackendTimeout { .. } | GatewayError::BackendUnavailable { .. })) => {
+            Err(
+                error @ (GatewayError::BackendTimeout { .. }
+                | GatewayError::BackendUnavailable { .. }
+                | GatewayError::BackendInvalidResponse { .. }),
+            ) => {
                 permit.record(&Outcome::TransportError);
                 Some(error.code().to_owned())
             }
