@@ -19,10 +19,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::backend::Backend;
 use crate::context::{ApiInfo, Operation, RequestContext};
-use crate::openai::Usage;
+use crate::protocol::openai::Usage;
 use crate::subscription::Subscription;
+use crate::upstream::backend::Backend;
 
 /// Records queued between two drains; at 25 ms a drain, room for 160,000 requests a second.
 const CAPACITY: usize = 4_096;

@@ -8,11 +8,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, Method};
 
-use crate::backend::Backend;
 use crate::error::GatewayError;
-use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
-use crate::pool::Target;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use crate::subscription::Subscription;
+use crate::upstream::backend::Backend;
+use crate::upstream::pool::Target;
 
 /// What the client called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,8 +167,8 @@ pub struct PendingEntry {
 pub struct Reservation {
     /// The policy that made it (its id in the pipeline).
     pub policy: usize,
-    pub ticket: crate::store::Ticket,
-    pub source: crate::store::Source,
+    pub ticket: crate::limits::Ticket,
+    pub source: crate::limits::Source,
     /// What each of the policy's limits had left after the reservation.
     pub remaining: Vec<u64>,
 }

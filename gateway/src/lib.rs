@@ -4,23 +4,19 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod backend;
 pub mod cache;
-pub mod circuit;
 pub mod client_ip;
 pub mod config;
 pub mod context;
 pub mod embed;
 pub mod error;
-pub mod identity;
+pub mod infra;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
-pub mod openai;
 pub mod policy;
-pub mod pool;
+pub mod protocol;
 pub mod quickstart;
 pub mod server;
-pub mod sse;
-pub mod store;
 pub mod subscription;
-pub mod tokens;
+pub mod upstream;

@@ -34,7 +34,6 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::access_log::RequestLog;
 use crate::admin;
-use crate::backend::Backend;
 use crate::cache::{self, CacheDeps, store::CacheLimits, store::CacheStore};
 use crate::client_ip::{Cidr, TrustedProxies};
 use crate::config::{ApiKind, Config, ConfigError, EnvLookup, PolicyConfig};
@@ -42,12 +41,13 @@ use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestCon
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::ledger::chargeback::Prices;
+use crate::limits::redis::RedisStore;
+use crate::limits::{Clock, Counters, SystemClock};
 use crate::metrics::Metrics;
 use crate::policy::{Pipeline, PolicyDeps};
-use crate::pool::{self, Target};
-use crate::store::redis::RedisStore;
-use crate::store::{Clock, Counters, SystemClock};
 use crate::subscription::{KeyDigest, SubscriptionStore};
+use crate::upstream::backend::Backend;
+use crate::upstream::pool::{self, Target};
 
 pub struct Gateway {
     pub config: Config,
@@ -133,7 +133,7 @@ const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
 impl Gateway {
     pub fn build(config: Config, env: EnvLookup<'_>, metrics: Metrics) -> Result<Self, ConfigError> {
         let mut backends = BTreeMap::new();
-        let mut tokens = crate::identity::TokenCaches::default();
+        let mut tokens = crate::upstream::identity::TokenCaches::default();
         for (id, backend) in &config.backends {
             let built = Backend::from_config_sharing(id, backend, env, &mut tokens)
                 .map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;

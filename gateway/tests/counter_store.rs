@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigw::store::memory::MemoryStore;
-use aigw::store::redis::RedisStore;
-use aigw::store::{Admission, Clock, CounterStore, Limit, ManualClock, Period, Window};
+use aigw::limits::memory::MemoryStore;
+use aigw::limits::redis::RedisStore;
+use aigw::limits::{Admission, Clock, CounterStore, Limit, ManualClock, Period, Window};
 use common::RedisServer;
 
 /// 2024-02-29 23:59:00 UTC, a leap day, in milliseconds.

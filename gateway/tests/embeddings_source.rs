@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::Arc;
 
-use aigw::backend::Backend;
 use aigw::config::BackendConfig;
 use aigw::embed::{BackendEmbedder, EmbedError, Embedder, LocalEmbedder, LocalModel};
+use aigw::upstream::backend::Backend;
 use common::*;
 use serde_json::{Value, json};
 

@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::guard::{HitRule, Miss};
-use crate::backend::Backend;
 use crate::config::{Config, EmbeddingsConfig, EnvLookup, PolicyConfig, SemanticCacheLookupConfig};
 use crate::embed::{BackendEmbedder, EmbedError, Embedder, LocalModel};
+use crate::upstream::backend::Backend;
 
 /// One labelled pair.
 #[derive(Debug, Clone, PartialEq)]

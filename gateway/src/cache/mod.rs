@@ -11,9 +11,9 @@ pub mod store;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::backend::Backend;
 use crate::config::EmbeddingsConfig;
 use crate::embed::{BackendEmbedder, Embedder, LocalEmbedder, LocalModel, Memoized};
+use crate::upstream::backend::Backend;
 
 /// Prompts whose embeddings each source remembers (384 floats each: about 1.6 KiB apiece).
 const REMEMBERED_EMBEDDINGS: usize = 4_096;

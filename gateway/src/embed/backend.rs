@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::{EmbedError, Embedder, normalized};
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// The longest backend error message passed on; OpenAI's are a sentence or two.
 const MAX_MESSAGE_CHARS: usize = 300;

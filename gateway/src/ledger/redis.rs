@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{BucketKey, Counts, LedgerError, LedgerStore, UsageRecord, WriteFailures, lock};
-use crate::store::breaker::Breaker;
-use crate::store::redis::lazy_connection;
+use crate::infra::breaker::Breaker;
+use crate::limits::redis::lazy_connection;
 
 const PREFIX: &str = "aigw:ledger:";
 const HOURS_KEY: &str = "aigw:ledger:hours";

@@ -26,12 +26,12 @@ use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
 
-use crate::backend::Backend;
-use crate::circuit::{CircuitState, Health};
 use crate::config::EnvLookup;
 use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
+use crate::upstream::backend::Backend;
+use crate::upstream::circuit::{CircuitState, Health};
 
 /// The meter (instrumentation scope) of the gateway's own instruments.
 const GATEWAY_METER: &str = "aigw";

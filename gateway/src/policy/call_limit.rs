@@ -11,7 +11,7 @@ use super::{Flow, Policy, template::Template};
 use crate::config::CallLimitConfig;
 use crate::context::{RequestContext, Reservation};
 use crate::error::GatewayError;
-use crate::store::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
+use crate::limits::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallLimitKind {

@@ -46,19 +46,19 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::RequestLog;
-use crate::backend::{Backend, forwardable_response_header};
 use crate::cache::CacheDeps;
-use crate::circuit::Outcome;
 use crate::config::{ApiConfig, BackendKind, PolicyConfig};
 use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
+use crate::limits::Counters;
 use crate::metrics::{GatewayInstruments, Metrics};
-use crate::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
-use crate::pool::Target;
-use crate::sse::SseRelay;
-use crate::store::Counters;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
+use crate::protocol::sse::SseRelay;
 use crate::subscription::SubscriptionStore;
+use crate::upstream::backend::{Backend, forwardable_response_header};
+use crate::upstream::circuit::Outcome;
+use crate::upstream::pool::Target;
 
 pub type ResponseHead = http::response::Parts;
 

@@ -42,7 +42,7 @@ use crate::config::{SemanticCacheLookupConfig, SemanticCacheStoreConfig};
 use crate::context::{CacheState, CacheStatus, Operation, Payload, PendingEntry, RequestContext};
 use crate::embed::Embedder;
 use crate::error::GatewayError;
-use crate::openai::{ChatRequest, usage_of_response};
+use crate::protocol::openai::{ChatRequest, usage_of_response};
 
 /// Similar entries checked per lookup: when the most similar one is refused by the guard (a
 /// look-alike asking something else), a less similar true paraphrase may still serve.

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use super::{Flow, Policy};
 use crate::context::RequestContext;
 use crate::error::GatewayError;
-use crate::pool::Target;
+use crate::upstream::pool::Target;
 
 pub struct SetBackendService {
     pub target: Target,

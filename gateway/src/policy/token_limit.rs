@@ -17,8 +17,8 @@ use super::{Flow, Policy, template::Template};
 use crate::config::{QuotaPeriod, TokenLimitConfig};
 use crate::context::{Payload, RequestContext, Reservation};
 use crate::error::GatewayError;
-use crate::store::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
-use crate::tokens::TokenEstimator;
+use crate::limits::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
+use crate::protocol::tokens::TokenEstimator;
 
 pub struct TokenLimit {
     id: usize,

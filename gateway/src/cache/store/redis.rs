@@ -36,9 +36,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::index::{Index, IndexEntry, SharedIndex};
 use super::{CacheError, CacheLimits, CacheStore, Candidate, EntryId, NewEntry};
-use crate::store::breaker::Breaker;
-use crate::store::redis::lazy_connection;
-use crate::store::{Clock, SystemClock};
+use crate::infra::breaker::Breaker;
+use crate::limits::redis::lazy_connection;
+use crate::limits::{Clock, SystemClock};
 
 const ENTRY_PREFIX: &str = "aigw:cache:e:";
 const PARTITION_PREFIX: &str = "aigw:cache:z:";

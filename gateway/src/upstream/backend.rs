@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::circuit::{CircuitBreaker, Health};
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
 use crate::context::{Operation, RequestContext, Route};
 use crate::error::GatewayError;
-use crate::identity::{TokenCache, TokenCaches};
-use crate::store::SystemClock;
+use crate::limits::SystemClock;
 use crate::subscription::KEY_QUERY_PARAM;
+use crate::upstream::circuit::{CircuitBreaker, Health};
+use crate::upstream::identity::{TokenCache, TokenCaches};
 
 pub struct Backend {
     pub id: String,

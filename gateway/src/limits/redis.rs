@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::breaker::Breaker;
 use super::{Admission, Clock, CounterStore, Limit, StoreError, Ticket, Window};
+use crate::infra::breaker::Breaker;
 
 /// The client for `url` and a connection to it that connects on first use, so the gateway starts
 /// while Redis is down; every call is bounded by `timeout`, and reconnects back off up to `cooldown`.

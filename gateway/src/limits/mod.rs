@@ -12,7 +12,6 @@
 //! the cost in all of them in one atomic step (one round trip), or records nothing; the returned
 //! [`Ticket`] is later [`CounterStore::adjust`]ed to the real cost (or to zero to give it back).
 
-pub mod breaker;
 pub mod memory;
 pub mod redis;
 

@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::cache::answer::StreamAssembler;
-use crate::openai::{Usage, usage_of_chunk};
+use crate::protocol::openai::{Usage, usage_of_chunk};
 
 pub struct SseRelay {
     pending: BytesMut,

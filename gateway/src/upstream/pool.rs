@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
-use crate::backend::Backend;
-use crate::circuit::{Health, Permit};
 use crate::config::{ConfigError, PoolConfig};
+use crate::upstream::backend::Backend;
+use crate::upstream::circuit::{Health, Permit};
 
 /// Where a request is sent: one backend, or a pool of them.
 #[derive(Clone)]
@@ -230,8 +230,8 @@ pub fn readiness(targets: &BTreeMap<String, Target>) -> Readiness<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::circuit::Outcome;
     use crate::config::Config;
+    use crate::upstream::circuit::Outcome;
 
     /// A pool over east (priority 1, weight 1), west (priority 1, weight 3) and spare (priority 2),
     /// each tripping for a minute on its first failure.

@@ -172,7 +172,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::identity::Secret;
+    use crate::upstream::identity::Secret;
 
     /// Answers from a script; with a gate, each fetch waits for a permit, so a test can hold a
     /// fetch in flight.

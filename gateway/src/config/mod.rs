@@ -305,7 +305,7 @@ pub enum BackendAuthConfig {
     /// `Authorization: Bearer <value>`.
     Bearer { env: String },
     /// `Authorization: Bearer <token>` with a token of the managed identity of wherever the gateway
-    /// runs (API Management's authentication-managed-identity); see `crate::identity`.
+    /// runs (API Management's authentication-managed-identity); see `crate::upstream::identity`.
     ManagedIdentity(ManagedIdentityConfig),
 }
 
@@ -465,7 +465,7 @@ pub struct TokenLimitConfig {
     #[serde(default)]
     pub tokens_consumed_header: Option<String>,
     #[serde(default)]
-    pub on_store_failure: crate::store::OnStoreFailure,
+    pub on_store_failure: crate::limits::OnStoreFailure,
 }
 
 fn default_completion_tokens() -> u64 {
@@ -494,7 +494,7 @@ pub struct CallLimitConfig {
     #[serde(default)]
     pub remaining_calls_header: Option<String>,
     #[serde(default)]
-    pub on_store_failure: crate::store::OnStoreFailure,
+    pub on_store_failure: crate::limits::OnStoreFailure,
 }
 
 /// API Management's llm-semantic-cache-lookup: answer from the cache when an earlier prompt of
@@ -709,7 +709,7 @@ impl Config {
                 }
                 BackendAuthConfig::Bearer { env: var } => require_env(env, var, &at("auth.env"))?,
                 BackendAuthConfig::ManagedIdentity(identity) => {
-                    crate::identity::TokenEndpoint::resolve(identity, env)
+                    crate::upstream::identity::TokenEndpoint::resolve(identity, env)
                         .map_err(|(field, message)| ConfigError::at(at(&format!("auth.{field}")), message))?;
                 }
             }
