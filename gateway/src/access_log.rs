@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::context::{ApiInfo, Operation, RequestContext};
+use crate::context::{ApiInfo, RequestContext};
+use crate::protocol::Operation;
 use crate::protocol::openai::Usage;
 use crate::subscription::Subscription;
 use crate::upstream::backend::Backend;

@@ -10,43 +10,10 @@ use http::{HeaderMap, Method};
 
 use crate::error::GatewayError;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use crate::protocol::{Operation, Route};
 use crate::subscription::Subscription;
 use crate::upstream::backend::Backend;
 use crate::upstream::pool::Target;
-
-/// What the client called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    ChatCompletions,
-    Embeddings,
-    ListModels,
-    /// Any method and path under an `http` API's prefix.
-    Passthrough,
-}
-
-impl Operation {
-    pub fn id(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "chat-completions",
-            Self::Embeddings => "embeddings",
-            Self::ListModels => "list-models",
-            Self::Passthrough => "passthrough",
-        }
-    }
-}
-
-/// Which family of routes the request came in on; decides how the backend URL is built.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// `/v1/...`
-    OpenAi,
-    /// `/openai/deployments/{deployment}/...?api-version=...`
-    AzureDeployment { deployment: String },
-    /// `/openai/v1/...`
-    AzureV1,
-    /// Under an `http` API's prefix; the rest of the path (starting with `/`, or empty).
-    Passthrough { rest: String },
-}
 
 /// The API a request belongs to, as policies see it.
 #[derive(Debug)]
@@ -173,7 +140,50 @@ pub struct Reservation {
     pub remaining: Vec<u64>,
 }
 
+impl InboundRequest {
+    /// The request as it came in, its body not read yet.
+    pub fn new(parts: http::request::Parts, route: Route) -> Self {
+        Self {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers,
+            route,
+            body: RequestBody::Unread,
+        }
+    }
+}
+
 impl RequestContext {
+    /// A request's context as the front door hands it to the pipeline: everything the phases
+    /// write (subscription, target, backend, usage, variables, reservations, cache, answer,
+    /// outcome) starts empty.
+    pub fn new(
+        request_id: String,
+        client_ip: IpAddr,
+        api: Arc<ApiInfo>,
+        operation: Operation,
+        request: InboundRequest,
+    ) -> Self {
+        Self {
+            request_id,
+            started: Instant::now(),
+            client_ip,
+            api,
+            operation,
+            request,
+            subscription: None,
+            target: None,
+            backend: None,
+            usage: None,
+            variables: HashMap::new(),
+            reservations: Vec::new(),
+            cache: None,
+            answer: None,
+            outcome: Outcome::default(),
+        }
+    }
+
     pub fn reservation(&self, policy: usize) -> Option<&Reservation> {
         self.reservations.iter().find(|r| r.policy == policy)
     }

@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod client_ip;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod proxy;
 pub mod quickstart;
 pub mod server;
 pub mod subscription;

@@ -15,7 +15,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, RawPathParams, Request};
@@ -32,73 +32,22 @@ use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::access_log::RequestLog;
 use crate::admin;
-use crate::cache::{self, CacheDeps, store::CacheLimits, store::CacheStore};
-use crate::client_ip::{Cidr, TrustedProxies};
-use crate::config::{ApiKind, Config, ConfigError, EnvLookup, PolicyConfig};
-use crate::context::{InboundRequest, Operation, Outcome, RequestBody, RequestContext, Route};
+pub use crate::app::Gateway;
+use crate::config::ApiKind;
+use crate::context::{InboundRequest, RequestContext};
 use crate::error::GatewayError;
-use crate::ledger::Ledger;
 use crate::ledger::chargeback::Prices;
-use crate::limits::redis::RedisStore;
-use crate::limits::{Clock, Counters, SystemClock};
+use crate::limits::Counters;
 use crate::metrics::Metrics;
-use crate::policy::{Pipeline, PolicyDeps};
-use crate::subscription::{KeyDigest, SubscriptionStore};
-use crate::upstream::backend::Backend;
+use crate::policy::Pipeline;
+use crate::protocol::{OPENAI_ROUTES, Operation, Route};
 use crate::upstream::pool::{self, Target};
 
-pub struct Gateway {
-    pub config: Config,
-    pub backends: BTreeMap<String, Arc<Backend>>,
-    /// Backends and pools by id, as APIs name them.
-    targets: Arc<BTreeMap<String, Target>>,
-    apis: Vec<(ApiKind, String, Arc<Pipeline>)>,
-    shared: Arc<Shared>,
-    log: RequestLog,
-    counters: Arc<Counters>,
-    proxies: Arc<TrustedProxies>,
-    ledger: Arc<Ledger>,
-    admin_key: Option<KeyDigest>,
-    metrics: Metrics,
-}
-
-/// The counter store, chosen once: Redis when configured (shared by every instance), else memory.
-fn counters(config: &Config, env: EnvLookup<'_>) -> Result<Counters, ConfigError> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let Some(redis) = &config.redis else { return Ok(Counters::in_memory(clock)) };
-    let url = redis.url(env)?;
-    let store = RedisStore::new(
-        &url,
-        Duration::from_millis(redis.timeout_ms),
-        Duration::from_millis(redis.breaker_cooldown_ms),
-        None,
-    )
-    .map_err(|e| ConfigError::at("redis.url", e))?;
-    Ok(Counters::shared(Arc::new(store), clock))
-}
-
-/// The semantic cache's store, chosen once and only when some API looks answers up: Redis when
-/// configured (shared by every instance), else memory.
-fn cache_store(config: &Config, env: EnvLookup<'_>) -> Result<Option<Arc<dyn CacheStore>>, ConfigError> {
-    let used =
-        config.apis.values().any(|api| api.inbound.iter().any(|p| matches!(p, PolicyConfig::SemanticCacheLookup(_))));
-    if !used {
-        return Ok(None);
-    }
-    let limits = CacheLimits { max_entries_per_partition: config.cache.max_entries_per_partition };
-    let Some(redis) = &config.redis else { return Ok(Some(cache::store::memory(limits))) };
-    let url = redis.url(env)?;
-    let timeout = Duration::from_millis(redis.timeout_ms);
-    let store = cache::store::redis(&url, timeout, Duration::from_millis(redis.breaker_cooldown_ms), limits)
-        .map_err(|e| ConfigError::at("redis.url", e))?;
-    Ok(Some(store))
-}
-
-struct Shared {
-    ready: AtomicBool,
-    tasks: TaskTracker,
+/// What the server shares with its handlers and in-flight requests.
+pub(crate) struct Shared {
+    pub(crate) ready: AtomicBool,
+    pub(crate) tasks: TaskTracker,
 }
 
 /// The id that `x-gateway-instance` carries: App Service's instance id, else the host name,
@@ -110,65 +59,7 @@ pub fn instance_id() -> String {
         .unwrap_or_else(|| format!("aigw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
 }
 
-#[derive(Clone, Copy)]
-enum Family {
-    OpenAi,
-    AzureDeployment,
-    AzureV1,
-    Passthrough,
-}
-
-/// The OpenAI-kind routes, relative to the API's path prefix.
-const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
-    ("/v1/chat/completions", Operation::ChatCompletions, Family::OpenAi),
-    ("/v1/embeddings", Operation::Embeddings, Family::OpenAi),
-    ("/v1/models", Operation::ListModels, Family::OpenAi),
-    ("/openai/deployments/{deployment}/chat/completions", Operation::ChatCompletions, Family::AzureDeployment),
-    ("/openai/deployments/{deployment}/embeddings", Operation::Embeddings, Family::AzureDeployment),
-    ("/openai/v1/chat/completions", Operation::ChatCompletions, Family::AzureV1),
-    ("/openai/v1/embeddings", Operation::Embeddings, Family::AzureV1),
-    ("/openai/v1/models", Operation::ListModels, Family::AzureV1),
-];
-
 impl Gateway {
-    pub fn build(config: Config, env: EnvLookup<'_>, metrics: Metrics) -> Result<Self, ConfigError> {
-        let mut backends = BTreeMap::new();
-        let mut tokens = crate::upstream::identity::TokenCaches::default();
-        for (id, backend) in &config.backends {
-            let built = Backend::from_config_sharing(id, backend, env, &mut tokens)
-                .map_err(|e| ConfigError::at(format!("backends.{id}"), e))?;
-            backends.insert(id.clone(), Arc::new(built));
-        }
-        let targets = Arc::new(pool::targets(&backends, &config.pools)?);
-        let subscriptions = Arc::new(SubscriptionStore::from_config(&config.subscriptions, env));
-        let log = if config.server.request_log { RequestLog::to_stdout() } else { RequestLog::disabled() };
-        let shared = Arc::new(Shared { ready: AtomicBool::new(true), tasks: TaskTracker::new() });
-        let counters = Arc::new(counters(&config, env)?);
-        let cache = CacheDeps::new(cache_store(&config, env)?, backends.clone());
-        let ledger = Arc::new(Ledger::open(&config, env)?);
-        let admin_key = config.admin.as_ref().and_then(|a| KeyDigest::from_config(&a.key_sha256, &a.key_env, env));
-        let deps = PolicyDeps {
-            targets: &targets,
-            subscriptions: &subscriptions,
-            counters: &counters,
-            cache: &cache,
-            ledger: &ledger,
-            max_body_bytes: config.server.max_body_bytes,
-            log: log.clone(),
-            metrics: &metrics,
-            tasks: shared.tasks.clone(),
-        };
-        let mut apis = Vec::new();
-        for (id, api) in &config.apis {
-            let pipeline = Pipeline::build(id, api, &deps).map_err(|e| ConfigError::at(format!("apis.{id}"), e))?;
-            apis.push((api.kind, api.path.clone(), Arc::new(pipeline)));
-        }
-        let blocks = config.server.trusted_proxies.iter().map(|b| Cidr::parse(b)).collect::<Result<Vec<_>, _>>();
-        let proxies = Arc::new(TrustedProxies::new(blocks.map_err(|e| ConfigError::at("server.trusted-proxies", e))?));
-        metrics.observe(&backends, ledger.clone());
-        Ok(Self { config, backends, targets, apis, shared, log, counters, proxies, ledger, admin_key, metrics })
-    }
-
     pub fn router(&self, instance: &str) -> Router {
         let ready_shared = self.shared.clone();
         let counters = self.counters.clone();
@@ -182,14 +73,14 @@ impl Gateway {
         for (kind, prefix, pipeline) in &self.apis {
             match kind {
                 ApiKind::Openai => {
-                    for (path, operation, family) in OPENAI_ROUTES {
-                        let method_router = if operation == Operation::ListModels { get } else { post };
-                        let endpoint = self.endpoint(pipeline, operation, family, prefix);
-                        router = router.route(&format!("{prefix}{path}"), method_router(endpoint));
+                    for route in OPENAI_ROUTES {
+                        let method_router = if route.operation == Operation::ListModels { get } else { post };
+                        let endpoint = self.endpoint(pipeline, route.operation, Some(route.route), prefix);
+                        router = router.route(&format!("{prefix}{}", route.path), method_router(endpoint));
                     }
                 }
                 ApiKind::Http => {
-                    let endpoint = self.endpoint(pipeline, Operation::Passthrough, Family::Passthrough, prefix);
+                    let endpoint = self.endpoint(pipeline, Operation::Passthrough, None, prefix);
                     router = router
                         .route(prefix, any(endpoint.clone()))
                         .route(&format!("{prefix}/{{*rest}}"), any(endpoint));
@@ -207,8 +98,15 @@ impl Gateway {
             .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response()))
     }
 
-    /// The handler for one route of one API.
-    fn endpoint(&self, pipeline: &Arc<Pipeline>, operation: Operation, family: Family, prefix: &str) -> MethodRouter {
+    /// The handler for one route of one API: an `openai` route reads its [`Route`] from the path
+    /// parameters; without one, the route is the pass-through's rest of the path.
+    fn endpoint(
+        &self,
+        pipeline: &Arc<Pipeline>,
+        operation: Operation,
+        route_of: Option<fn(&RawPathParams) -> Route>,
+        prefix: &str,
+    ) -> MethodRouter {
         let pipeline = pipeline.clone();
         let tasks = self.shared.tasks.clone();
         let proxies = self.proxies.clone();
@@ -219,43 +117,14 @@ impl Gateway {
             let proxies = proxies.clone();
             async move {
                 let (parts, body) = request.into_parts();
-                let route = match family {
-                    Family::OpenAi => Route::OpenAi,
-                    Family::AzureV1 => Route::AzureV1,
-                    Family::AzureDeployment => Route::AzureDeployment {
-                        deployment: params
-                            .iter()
-                            .find(|(k, _)| *k == "deployment")
-                            .map(|(_, v)| v.to_owned())
-                            .unwrap_or_default(),
-                    },
-                    Family::Passthrough => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
+                let route = match route_of {
+                    Some(route_of) => route_of(&params),
+                    None => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
                 };
                 let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
-                let ctx = RequestContext {
-                    request_id,
-                    started: Instant::now(),
-                    client_ip: proxies.client_ip(peer.ip(), &parts.headers),
-                    api: pipeline.api.clone(),
-                    operation,
-                    request: InboundRequest {
-                        method: parts.method,
-                        path: parts.uri.path().to_owned(),
-                        query: parts.uri.query().map(str::to_owned),
-                        headers: parts.headers,
-                        route,
-                        body: RequestBody::Unread,
-                    },
-                    subscription: None,
-                    target: None,
-                    backend: None,
-                    usage: None,
-                    variables: Default::default(),
-                    reservations: Vec::new(),
-                    cache: None,
-                    answer: None,
-                    outcome: Outcome::default(),
-                };
+                let client_ip = proxies.client_ip(peer.ip(), &parts.headers);
+                let request = InboundRequest::new(parts, route);
+                let ctx = RequestContext::new(request_id, client_ip, pipeline.api.clone(), operation, request);
                 CompleteOnDrop::new(pipeline.run(ctx, body), tasks).await
             }
         };

@@ -21,7 +21,8 @@ use opentelemetry::metrics::{Counter, Histogram, Meter};
 use super::Policy;
 use super::template::Template;
 use crate::config::{ConfigError, EmitTokenMetricConfig};
-use crate::context::{CacheStatus, Operation, RequestContext};
+use crate::context::{CacheStatus, RequestContext};
+use crate::protocol::Operation;
 
 /// API Management's limit.
 const MAX_DIMENSIONS: usize = 10;

@@ -1,31 +1,14 @@
-//! Policies and the pipeline that runs them, in API Management's phases.
+//! Policies: the contract every policy implements ([`Policy`]), the registry that builds one from
+//! its config section ([`build_policy`]), and the [`pipeline`] that runs an API's policies around
+//! the proxy engine (`crate::proxy`).
 //!
-//! For each request the pipeline runs, in this order:
-//!
-//! 1. **inbound**: the API's inbound policies in configured order. Subscription-key auth comes
-//!    first wherever a subscription is required (before the body is read). A policy may answer on
-//!    its own (`Flow::Respond`: a cache hit) or refuse (`Err`: a 401, a 429).
-//! 2. **backend**: the request goes to the backend or pool chosen by `set-backend-service` or the
-//!    API's default; streams always ask for usage. A 429, 5xx or transport error is retried on the
-//!    pool's next available member before anything reaches the client (see `send_with_failover`).
-//! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
-//! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
-//!    Then every policy may add its response headers (limit policies report what is left).
-//! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
-//!    client left), with the usage known, and always off the response path (in a task of its
-//!    own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
-//!    appended to the ledger, the gateway's own metrics are recorded, and the request log line
-//!    is written.
-//!
-//! A client that disconnects cannot cut steps 2-5 short: the server moves a run whose client went
-//! away into a task of its own (see `server::CompleteOnDrop`), and a streamed response is relayed
-//! by a task of its own. Graceful shutdown waits for these tasks.
-//!
-//! Adding a policy: a module here implementing [`Policy`], a variant in `config::PolicyConfig`,
-//! and a line in [`build_policy`].
+//! Adding a policy: a module here implementing [`Policy`] with a constructor that takes its config
+//! section and reports errors by field name, a variant in `config::PolicyConfig`, and a line in
+//! [`build_policy`].
 
 pub mod call_limit;
 pub mod emit_token_metric;
+pub mod pipeline;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
@@ -38,29 +21,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
-use http::{HeaderName, header};
-use tokio::sync::mpsc;
+use axum::response::Response;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::RequestLog;
 use crate::cache::CacheDeps;
-use crate::config::{ApiConfig, BackendKind, PolicyConfig};
-use crate::context::{ApiInfo, Operation, Payload, RequestBody, RequestContext, Route};
+use crate::config::PolicyConfig;
+use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::limits::Counters;
-use crate::metrics::{GatewayInstruments, Metrics};
-use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, usage_of_response};
-use crate::protocol::sse::SseRelay;
+use crate::metrics::Metrics;
 use crate::subscription::SubscriptionStore;
-use crate::upstream::backend::{Backend, forwardable_response_header};
-use crate::upstream::circuit::Outcome;
 use crate::upstream::pool::Target;
 
-pub type ResponseHead = http::response::Parts;
+pub use crate::proxy::forward::ResponseHead;
+pub use pipeline::Pipeline;
 
 /// What an inbound policy decided.
 pub enum Flow {
@@ -101,20 +77,6 @@ pub trait Policy: Send + Sync {
     async fn completed(&self, _ctx: &RequestContext) {}
 }
 
-/// An API's policies, ready to run.
-pub struct Pipeline {
-    pub api: Arc<ApiInfo>,
-    inbound: Vec<Box<dyn Policy>>,
-    outbound: Vec<Box<dyn Policy>>,
-    on_error: Vec<Box<dyn Policy>>,
-    default_target: Option<Target>,
-    max_body_bytes: usize,
-    log: RequestLog,
-    instruments: GatewayInstruments,
-    tasks: TaskTracker,
-    ledger: Arc<Ledger>,
-}
-
 /// What policies are built with, besides their own config.
 pub struct PolicyDeps<'a> {
     /// Backends and pools by id.
@@ -132,6 +94,7 @@ pub struct PolicyDeps<'a> {
 /// Ids that tell a policy's own reservation apart from another's in the request context.
 static POLICY_IDS: AtomicUsize = AtomicUsize::new(0);
 
+/// The registry: one line per policy.
 fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn Policy>, String> {
     let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
     Ok(match config {
@@ -161,306 +124,4 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
                 .ok_or_else(|| format!("unknown backend or pool {:?}", c.backend_id))?,
         }),
     })
-}
-
-impl Pipeline {
-    /// Builds an API's pipeline from validated config.
-    pub fn build(id: &str, config: &ApiConfig, deps: &PolicyDeps<'_>) -> Result<Self, String> {
-        let section = |policies: &[PolicyConfig]| -> Result<Vec<Box<dyn Policy>>, String> {
-            policies.iter().map(|p| build_policy(p, deps)).collect()
-        };
-        let mut inbound: Vec<Box<dyn Policy>> = Vec::new();
-        if config.subscription_required {
-            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth { store: deps.subscriptions.clone() }));
-        }
-        inbound.extend(section(&config.inbound)?);
-        let outbound = section(&config.outbound)?;
-        let on_error = section(&config.on_error)?;
-        Ok(Self {
-            api: Arc::new(ApiInfo { id: id.to_owned() }),
-            inbound,
-            outbound,
-            on_error,
-            default_target: config.backend.as_ref().and_then(|b| deps.targets.get(b).cloned()),
-            max_body_bytes: deps.max_body_bytes,
-            log: deps.log.clone(),
-            instruments: deps.metrics.gateway.clone(),
-            tasks: deps.tasks.clone(),
-            ledger: deps.ledger.clone(),
-        })
-    }
-
-    /// Runs one request and returns its response. A stream is relayed, completed and logged by a
-    /// task of its own; a JSON answer is completed by a task of its own too, as every completion
-    /// appends to the ledger (a store round trip with Redis).
-    pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body) -> Response {
-        let (mut response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
-            Ok(ready) => ready,
-            Err(error) => (self.error_response(&mut ctx, error).await, None),
-        };
-        for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
-            policy.response_headers(&ctx, response.headers_mut());
-        }
-        ctx.outcome.status = response.status().as_u16();
-        ctx.outcome.first_byte_us = elapsed_us(&ctx);
-        match stream {
-            Some(stream) => {
-                let this = self.clone();
-                self.tasks.spawn(async move {
-                    stream.relay(&mut ctx).await;
-                    this.complete(&ctx).await;
-                });
-            }
-            None => {
-                let this = self.clone();
-                self.tasks.spawn(async move { this.complete(&ctx).await });
-            }
-        }
-        response
-    }
-
-    async fn complete(&self, ctx: &RequestContext) {
-        for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
-            policy.completed(ctx).await;
-        }
-        self.ledger.record(ctx).await;
-        self.instruments.record(ctx);
-        self.log.record(ctx);
-    }
-
-    async fn respond(
-        &self,
-        ctx: &mut RequestContext,
-        body: &mut Option<Body>,
-    ) -> Result<(Response, Option<StreamRelay>), GatewayError> {
-        for policy in &self.inbound {
-            if policy.reads_body() {
-                self.read_body(ctx, body).await?;
-            }
-            if let Flow::Respond(response) = policy.inbound(ctx).await? {
-                return Ok((response, None));
-            }
-        }
-        self.read_body(ctx, body).await?;
-        self.forward(ctx).await
-    }
-
-    /// Reads and validates the body once, on first need.
-    async fn read_body(&self, ctx: &mut RequestContext, body: &mut Option<Body>) -> Result<(), GatewayError> {
-        let Some(body) = body.take() else { return Ok(()) };
-        let declared =
-            ctx.request.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
-            return Err(GatewayError::BodyTooLarge { limit: self.max_body_bytes });
-        }
-        let raw = axum::body::to_bytes(body, self.max_body_bytes).await.map_err(|e| {
-            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-                GatewayError::BodyTooLarge { limit: self.max_body_bytes }
-            } else {
-                GatewayError::invalid("The request body could not be read.", None)
-            }
-        })?;
-        let deployment = match &ctx.request.route {
-            Route::AzureDeployment { deployment } => {
-                let has_api_version = ctx.request.query.as_deref().is_some_and(|q| {
-                    q.split('&')
-                        .any(|pair| pair.split_once('=').is_some_and(|(k, v)| k == "api-version" && !v.is_empty()))
-                });
-                if !has_api_version {
-                    return Err(GatewayError::invalid(
-                        "Missing required query parameter 'api-version' (e.g. ?api-version=2024-10-21).",
-                        Some("api-version"),
-                    ));
-                }
-                Some(deployment.as_str())
-            }
-            _ => None,
-        };
-        let payload = match ctx.operation {
-            Operation::ChatCompletions => Payload::Chat(ChatRequest::parse(&raw, deployment)?),
-            Operation::Embeddings => Payload::Embeddings(EmbeddingsRequest::parse(&raw, deployment)?),
-            Operation::ListModels | Operation::Passthrough => Payload::Opaque,
-        };
-        ctx.request.body = RequestBody::Read { raw, payload };
-        Ok(())
-    }
-
-    async fn forward(&self, ctx: &mut RequestContext) -> Result<(Response, Option<StreamRelay>), GatewayError> {
-        let target = ctx.target.clone().or_else(|| self.default_target.clone()).ok_or(GatewayError::Internal)?;
-        let (backend, upstream) = send_with_failover(ctx, &target).await?;
-
-        let mut head = Response::new(()).into_parts().0;
-        head.status = upstream.status();
-        for (name, value) in upstream.headers() {
-            if name == "x-request-id" {
-                // The gateway's own id goes out under this name; keep the backend's for support cases.
-                head.headers.append(HeaderName::from_static("x-backend-request-id"), value.clone());
-            } else if forwardable_response_header(name) {
-                head.headers.append(name.clone(), value.clone());
-            }
-        }
-
-        let event_stream = head
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if event_stream && head.status.is_success() {
-            for policy in &self.outbound {
-                policy.outbound(ctx, &mut head).await?;
-            }
-            let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
-            let mut relay = SseRelay::new(strip_usage);
-            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
-                relay = relay.assembling();
-            }
-            let (tx, rx) = mpsc::channel(32);
-            let relay = StreamRelay { upstream, relay, tx, backend };
-            let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-            return Ok((Response::from_parts(head, body), Some(relay)));
-        }
-
-        let bytes = upstream.bytes().await.map_err(|e| backend.error(&e))?;
-        if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
-            ctx.usage = usage_of_response(&bytes);
-            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
-                ctx.answer = Some(bytes.clone());
-            }
-        }
-        for policy in &self.outbound {
-            policy.outbound(ctx, &mut head).await?;
-        }
-        Ok((Response::from_parts(head, Body::from(bytes)), None))
-    }
-
-    async fn error_response(&self, ctx: &mut RequestContext, error: GatewayError) -> Response {
-        let (mut head, body) = error.clone().into_response().into_parts();
-        for policy in &self.on_error {
-            policy.on_error(ctx, &error, &mut head).await;
-        }
-        ctx.outcome.error = Some(error);
-        Response::from_parts(head, body)
-    }
-}
-
-/// Sends the request to the target's backends until one answers with something other than 429,
-/// 5xx or a transport error: a pool's next available member (by priority and weight), never the
-/// same backend twice, at most `max-attempts` times. Nothing has reached the client yet (a
-/// stream's status comes before its body), so a failed attempt is invisible to it; the buffered
-/// body is sent again. Every answer goes into the backend's circuit breaker.
-///
-/// When attempts run out, the client gets the last backend's answer, unless every member of the
-/// pool is now tripped (or none was available to begin with): then a 503 with `Retry-After`.
-async fn send_with_failover(
-    ctx: &mut RequestContext,
-    target: &Target,
-) -> Result<(Arc<Backend>, reqwest::Response), GatewayError> {
-    let mut tried = Vec::new();
-    let mut last = None;
-    for _ in 0..target.max_attempts() {
-        let Some((backend, permit)) = target.next(&mut tried) else { break };
-        ctx.backend = Some(backend.clone());
-        let body = backend_body(ctx, backend);
-        let sent = backend.send(ctx, body).await;
-        let failed = match &sent {
-            Ok(response) => {
-                permit.record(&Outcome::Response(response.status(), response.headers()));
-                let status = response.status();
-                (status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| status.to_string())
-            }
-            Err(
-                error @ (GatewayError::BackendTimeout { .. }
-                | GatewayError::BackendUnavailable { .. }
-                | GatewayError::BackendInvalidResponse { .. }),
-            ) => {
-                permit.record(&Outcome::TransportError);
-                Some(error.code().to_owned())
-            }
-            // Not the backend's doing (the permit is dropped unreported).
-            Err(_) => None,
-        };
-        let Some(failure) = failed else { return sent.map(|response| (backend.clone(), response)) };
-        if let Target::Pool(pool) = target {
-            tracing::warn!(
-                request_id = %ctx.request_id, pool = %pool.id, backend = %backend.id, failure = %failure,
-                "pool member failed; the request goes to the next available member, if any"
-            );
-        }
-        last = Some((backend.clone(), sent));
-    }
-    match last {
-        Some((backend, sent)) if matches!(target, Target::Backend(_)) || target.available() => {
-            sent.map(|response| (backend, response))
-        }
-        _ => Err(GatewayError::NoBackendAvailable {
-            target: target.id().to_owned(),
-            pool: matches!(target, Target::Pool(_)),
-            retry_after_secs: target.retry_after_secs(),
-        }),
-    }
-}
-
-/// The body the backend gets: the client's, unless streams need usage or the backend needs the
-/// deployment name as the model.
-fn backend_body(ctx: &RequestContext, backend: &Backend) -> bytes::Bytes {
-    let RequestBody::Read { raw, payload } = &ctx.request.body else { return bytes::Bytes::new() };
-    let model_to_add = match (&ctx.request.route, backend.kind) {
-        (Route::AzureDeployment { deployment, .. }, BackendKind::Openai) => Some(deployment.as_str()),
-        _ => None,
-    };
-    match payload {
-        Payload::Chat(chat) => chat.backend_body(raw, model_to_add),
-        Payload::Embeddings(embeddings) => embeddings.backend_body(raw, model_to_add),
-        Payload::Opaque => raw.clone(),
-    }
-}
-
-fn elapsed_us(ctx: &RequestContext) -> u64 {
-    u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Moves a streamed response from the backend to the client.
-struct StreamRelay {
-    upstream: reqwest::Response,
-    relay: SseRelay,
-    tx: mpsc::Sender<Result<bytes::Bytes, std::convert::Infallible>>,
-    backend: Arc<Backend>,
-}
-
-impl StreamRelay {
-    /// Relays until the backend's body ends. A client that leaves (or stops reading until the
-    /// backend's deadline) is let go, but the backend is read to its end so the usage is known.
-    async fn relay(self, ctx: &mut RequestContext) {
-        let Self { upstream, mut relay, tx, backend } = self;
-        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
-        let mut body = upstream.bytes_stream();
-        let mut client_gone = false;
-        loop {
-            let (out, ended) = match body.next().await {
-                Some(Ok(bytes)) => (relay.push(&bytes), false),
-                None => (relay.finish(), true),
-                Some(Err(error)) => {
-                    let error = backend.error(&error);
-                    // Tell the client in the stream, as OpenAI does (the SDKs raise on an `error`
-                    // event), and never send `[DONE]`: a truncated answer must not look whole.
-                    // The half-received event, if any, is dropped: it cannot be completed.
-                    let mut event = bytes::BytesMut::from(&b"data: "[..]);
-                    event.extend_from_slice(&error.body());
-                    event.extend_from_slice(b"\n\n");
-                    (event.freeze(), true)
-                }
-            };
-            if !out.is_empty() && !client_gone {
-                let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
-                client_gone = !matches!(sent, Ok(Ok(())));
-            }
-            if ended {
-                break;
-            }
-        }
-        ctx.usage = relay.usage();
-        ctx.answer = relay.assembled();
-        ctx.outcome.client_disconnected = client_gone;
-        ctx.outcome.stream_incomplete = !relay.saw_done();
-    }
 }

@@ -39,9 +39,10 @@ use crate::cache::answer::{is_cacheable, replay_as_stream};
 use crate::cache::guard::{HitRule, Miss};
 use crate::cache::store::{CacheStore, NewEntry};
 use crate::config::{SemanticCacheLookupConfig, SemanticCacheStoreConfig};
-use crate::context::{CacheState, CacheStatus, Operation, Payload, PendingEntry, RequestContext};
+use crate::context::{CacheState, CacheStatus, Payload, PendingEntry, RequestContext};
 use crate::embed::Embedder;
 use crate::error::GatewayError;
+use crate::protocol::Operation;
 use crate::protocol::openai::{ChatRequest, usage_of_response};
 
 /// Similar entries checked per lookup: when the most similar one is refused by the guard (a

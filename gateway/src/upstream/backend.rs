@@ -10,9 +10,10 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
-use crate::context::{Operation, RequestContext, Route};
+use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::limits::SystemClock;
+use crate::protocol::{Operation, Route};
 use crate::subscription::KEY_QUERY_PARAM;
 use crate::upstream::circuit::{CircuitBreaker, Health};
 use crate::upstream::identity::{TokenCache, TokenCaches};
