@@ -11,6 +11,8 @@ pub mod config;
 pub mod context;
 pub mod embed;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod harness;
 pub mod infra;
 pub mod ledger;
 pub mod limits;

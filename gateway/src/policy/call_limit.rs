@@ -96,3 +96,43 @@ impl Policy for CallLimit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::harness::Harness;
+
+    fn api(policy: &str) -> String {
+        format!(
+            r#"
+            [apis.chat]
+            kind = "openai"
+            backend = "stub"
+            inbound = [{{ policy = "{policy}", calls = 2, renewal-period = 60, remaining-calls-header = "x-calls-left" }}]
+            "#
+        )
+    }
+
+    #[tokio::test]
+    async fn rate_limit_by_key_counts_calls_and_answers_429() {
+        let gw = Harness::start(&api("rate-limit-by-key")).await;
+        for left in ["1", "0"] {
+            let answer = gw.chat(&[]).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            assert_eq!(answer.header("x-calls-left"), Some(left));
+        }
+        let refused = gw.chat(&[]).await;
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(gw.backend.received().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn quota_by_key_answers_403() {
+        let gw = Harness::start(&api("quota-by-key")).await;
+        gw.chat(&[]).await;
+        gw.chat(&[]).await;
+        let refused = gw.chat(&[]).await;
+        assert_eq!(refused.status, 403);
+        assert_eq!(refused.body["error"]["code"], "call_quota_exceeded");
+    }
+}

@@ -195,3 +195,71 @@ impl Pipeline {
 fn elapsed_us(ctx: &RequestContext) -> u64 {
     u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use serde_json::json;
+
+    use crate::harness::{Harness, KEY};
+
+    const API: &str = r#"
+        [apis.chat]
+        kind = "openai"
+        backend = "stub"
+        inbound = [{ policy = "set-header", name = "x-inbound", value = "{subscription.id}" }]
+        outbound = [{ policy = "set-header", name = "x-outbound", value = "{api.id}" }]
+        on-error = [{ policy = "set-header", name = "x-on-error", value = "{api.id}" }]
+    "#;
+
+    /// Inbound runs before the backend call, outbound after it; on-error does not run.
+    #[tokio::test]
+    async fn phases_run_in_order_around_the_backend_call() {
+        let gw = Harness::start(API).await;
+        let answer = gw.chat(&[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body["usage"]["total_tokens"], 12);
+        assert_eq!(answer.header("x-outbound"), Some("chat"));
+        assert_eq!(answer.header("x-on-error"), None);
+        let sent = gw.backend.last();
+        assert_eq!(sent.headers["x-inbound"], "sub-a");
+        assert!(sent.headers.get("x-outbound").is_none());
+        // The gateway's request id goes to the backend and back to the client; the client's
+        // credential does not go to the backend.
+        assert_eq!(
+            sent.headers["x-request-id"].to_str().expect("text"),
+            answer.header("x-request-id").expect("request id")
+        );
+        assert!(sent.headers.get("api-key").is_none());
+    }
+
+    /// The subscription key is checked before the body is read: an unauthenticated request with a
+    /// body that is not JSON is a 401, not a 400, and runs on-error, not the backend.
+    #[tokio::test]
+    async fn authentication_comes_before_the_body() {
+        let gw = Harness::start(API).await;
+        let request = http::Request::post("/v1/chat/completions").body(Body::from("not json")).expect("request");
+        let response = gw.send(request).await;
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()["x-on-error"], "chat");
+        assert!(response.headers().get("x-outbound").is_none());
+
+        let request = http::Request::post("/v1/chat/completions")
+            .header("api-key", KEY)
+            .body(Body::from("not json"))
+            .expect("request");
+        let response = gw.send(request).await;
+        assert_eq!(response.status(), 400);
+        assert!(gw.backend.received().is_empty());
+    }
+
+    /// A body above `server.max-body-bytes` is a 413 before any parsing.
+    #[tokio::test]
+    async fn bodies_are_bounded() {
+        let gw = Harness::start_with_server("max-body-bytes = 64", API).await;
+        let big = json!({ "model": "m", "messages": [{ "role": "user", "content": "x".repeat(100) }] });
+        let answer = gw.call(http::Method::POST, "/v1/chat/completions", &[], Some(big)).await;
+        assert_eq!(answer.status, 413, "{}", answer.body);
+        assert!(gw.backend.received().is_empty());
+    }
+}

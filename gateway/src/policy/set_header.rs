@@ -68,3 +68,65 @@ impl Policy for SetHeader {
         self.apply(ctx, &mut response.headers);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::harness::Harness;
+
+    /// Inbound set-header edits what the backend gets, for each exists-action.
+    #[tokio::test]
+    async fn inbound_exists_actions_edit_the_backend_request() {
+        let gw = Harness::start(
+            r#"
+            [apis.chat]
+            kind = "openai"
+            backend = "stub"
+            inbound = [
+                { policy = "set-header", name = "x-new", value = "{subscription.team}" },
+                { policy = "set-header", name = "x-override", value = "gateway" },
+                { policy = "set-header", name = "x-skip", value = "gateway", exists-action = "skip" },
+                { policy = "set-header", name = "x-append", value = "gateway", exists-action = "append" },
+                { policy = "set-header", name = "x-delete", exists-action = "delete" },
+            ]
+            "#,
+        )
+        .await;
+        let answer = gw
+            .chat(&[("x-override", "client"), ("x-skip", "client"), ("x-append", "client"), ("x-delete", "client")])
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let got = gw.backend.last().headers;
+        let all =
+            |name: &str| got.get_all(name).iter().map(|v| v.to_str().expect("text").to_owned()).collect::<Vec<_>>();
+        assert_eq!(all("x-new"), ["team-a"]);
+        assert_eq!(all("x-override"), ["gateway"]);
+        assert_eq!(all("x-skip"), ["client"]);
+        assert_eq!(all("x-append"), ["client", "gateway"]);
+        assert!(all("x-delete").is_empty());
+    }
+
+    /// Outbound set-header edits the client's response; on-error edits the error response.
+    #[tokio::test]
+    async fn outbound_and_on_error_edit_the_response() {
+        let gw = Harness::start(
+            r#"
+            [apis.chat]
+            kind = "openai"
+            backend = "stub"
+            outbound = [{ policy = "set-header", name = "x-team", value = "{subscription.team}" }]
+            on-error = [{ policy = "set-header", name = "x-error-api", value = "{api.id}" }]
+            "#,
+        )
+        .await;
+        let answer = gw.chat(&[]).await;
+        assert_eq!(answer.header("x-team"), Some("team-a"));
+        assert_eq!(answer.header("x-error-api"), None);
+
+        let refused = gw
+            .send(http::Request::post("/v1/chat/completions").body(axum::body::Body::empty()).expect("request"))
+            .await;
+        assert_eq!(refused.status(), 401);
+        assert_eq!(refused.headers().get("x-error-api").expect("on-error header"), "chat");
+        assert!(refused.headers().get("x-team").is_none());
+    }
+}

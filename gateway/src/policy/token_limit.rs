@@ -156,3 +156,59 @@ impl Policy for TokenLimit {
         self.counters.adjust(&reservation.ticket, actual, reservation.source).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::harness::{Harness, StubBackend};
+
+    const USED: u64 = StubBackend::PROMPT_TOKENS + StubBackend::COMPLETION_TOKENS;
+
+    /// Each request reserves its `max_tokens` (no prompt estimate here), is reconciled to the
+    /// backend's usage once complete, and is refused when the reservation no longer fits.
+    #[tokio::test]
+    async fn reserves_reconciles_and_refuses() {
+        let gw = Harness::start(
+            r#"
+            [apis.chat]
+            kind = "openai"
+            backend = "stub"
+            inbound = [{ policy = "token-limit", tokens-per-minute = 50, estimate-prompt-tokens = false,
+                         remaining-tokens-header = "x-remaining", tokens-consumed-header = "x-consumed" }]
+            "#,
+        )
+        .await;
+        // Each chat asks for max_tokens = 20.
+        let mut used = 0;
+        for _ in 0..3 {
+            let answer = gw.chat(&[]).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            used += USED;
+            assert_eq!(answer.header("x-consumed"), Some(USED.to_string().as_str()));
+            assert_eq!(answer.header("x-remaining"), Some((50 - used).to_string().as_str()));
+        }
+        // 36 used: 20 more do not fit in 50.
+        let refused = gw.chat(&[]).await;
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.body["error"]["code"], "token_limit_exceeded");
+        assert!(refused.header("retry-after").is_some());
+        assert_eq!(gw.backend.received().len(), 3, "a refused request never reaches the backend");
+    }
+
+    /// A request that could never fit is refused as such, not as "try later".
+    #[tokio::test]
+    async fn a_request_larger_than_the_limit_is_refused_outright() {
+        let gw = Harness::start(
+            r#"
+            [apis.chat]
+            kind = "openai"
+            backend = "stub"
+            inbound = [{ policy = "token-limit", tokens-per-minute = 10, estimate-prompt-tokens = false }]
+            "#,
+        )
+        .await;
+        let answer = gw.chat(&[]).await;
+        assert_eq!(answer.status, 429);
+        assert_eq!(answer.body["error"]["code"], "tokens_over_limit");
+        assert!(gw.backend.received().is_empty());
+    }
+}

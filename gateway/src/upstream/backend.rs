@@ -274,3 +274,97 @@ pub fn forwardable_response_header(name: &HeaderName) -> bool {
         header::CONNECTION | header::TRANSFER_ENCODING | header::CONTENT_LENGTH | header::TRAILER | header::UPGRADE
     ) && name.as_str() != "keep-alive"
 }
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+    use serde_json::json;
+
+    use crate::harness::Harness;
+
+    const APIS: &str = r#"
+        [apis.openai]
+        kind = "openai"
+        backend = "stub"
+
+        [apis.azure]
+        kind = "openai"
+        path = "/azure"
+        backend = "stub-azure"
+
+        [apis.azure-to-openai]
+        kind = "openai"
+        path = "/mixed"
+        backend = "stub"
+
+        [apis.agents]
+        kind = "http"
+        path = "/agents"
+        backend = "stub"
+    "#;
+
+    /// A chat body; deployment routes name the model in the path instead.
+    fn chat() -> Option<serde_json::Value> {
+        Some(json!({ "messages": [{ "role": "user", "content": "Hi" }] }))
+    }
+
+    fn chat_with_model() -> Option<serde_json::Value> {
+        Some(json!({ "model": "m", "messages": [{ "role": "user", "content": "Hi" }] }))
+    }
+
+    /// The backend URL for each route family and backend kind; the subscription key never reaches
+    /// a backend, and `api-version` only where the backend's route takes one.
+    #[tokio::test]
+    async fn urls_per_route_and_backend_kind() {
+        let gw = Harness::start(APIS).await;
+        let cases = [
+            ("/v1/chat/completions?subscription-key=k&api-version=1&x=1", "/v1/chat/completions?x=1"),
+            ("/v1/embeddings", "/v1/embeddings"),
+            ("/azure/openai/v1/chat/completions?api-version=1", "/openai/v1/chat/completions"),
+            (
+                "/azure/openai/deployments/dep-1/chat/completions?api-version=2024-10-21&subscription-key=k",
+                "/openai/deployments/dep-1/chat/completions?api-version=2024-10-21",
+            ),
+            ("/mixed/openai/deployments/dep-1/chat/completions?api-version=2024-10-21", "/v1/chat/completions"),
+        ];
+        for (path, expected) in cases {
+            let body = if path.contains("embeddings") {
+                Some(json!({ "model": "e", "input": "Hi" }))
+            } else if path.contains("/deployments/") {
+                chat()
+            } else {
+                chat_with_model()
+            };
+            let answer = gw.call(Method::POST, path, &[], body).await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            assert_eq!(gw.backend.last().uri, expected, "{path}");
+        }
+        // An OpenAI backend behind an Azure deployment route gets the deployment as the model.
+        assert_eq!(gw.backend.last().body["model"], "dep-1");
+
+        let answer = gw.call(Method::GET, "/v1/models?subscription-key=k", &[], None).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(gw.backend.last().uri, "/v1/models");
+    }
+
+    /// Pass-through keeps the method, the rest of the path and the query (but the key).
+    #[tokio::test]
+    async fn passthrough_keeps_path_and_query() {
+        let gw = Harness::start(APIS).await;
+        let answer = gw.call(Method::PUT, "/agents/runs/7?subscription-key=k&api-version=3&q=a", &[], None).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let sent = gw.backend.last();
+        assert_eq!(sent.method, Method::PUT);
+        assert_eq!(sent.uri, "/v1/runs/7?api-version=3&q=a");
+    }
+
+    /// An Azure deployment route without `api-version` is refused before any backend call.
+    #[tokio::test]
+    async fn azure_deployment_routes_need_an_api_version() {
+        let gw = Harness::start(APIS).await;
+        let answer = gw.call(Method::POST, "/azure/openai/deployments/dep-1/chat/completions", &[], chat()).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.body["error"]["param"], "api-version");
+        assert!(gw.backend.received().is_empty());
+    }
+}
