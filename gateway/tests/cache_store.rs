@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigw::cache::store::{CacheError, CacheLimits, CacheStore, Candidate, EntryId, NewEntry};
-use aigw::limits::ManualClock;
+use aigw::infra::clock::ManualClock;
 use common::RedisServer;
 
 const TIMEOUT: Duration = Duration::from_millis(100);

@@ -7,9 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aigw::infra::clock::{Clock, ManualClock};
 use aigw::limits::memory::MemoryStore;
 use aigw::limits::redis::RedisStore;
-use aigw::limits::{Admission, Clock, CounterStore, Limit, ManualClock, Period, Window};
+use aigw::limits::{Admission, CounterStore, Limit, Period, Window};
 use common::RedisServer;
 
 /// 2024-02-29 23:59:00 UTC, a leap day, in milliseconds.

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, EnvLookup, RedisConfig};
 use crate::context::{CacheStatus, RequestContext};
-use crate::limits::{Clock, SystemClock};
+use crate::infra::clock::{Clock, SystemClock};
 
 /// Where a call's usage is filed. Unauthenticated APIs file under an empty subscription and team,
 /// calls without a model under an empty model.

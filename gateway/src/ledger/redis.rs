@@ -28,7 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{BucketKey, Counts, LedgerError, LedgerStore, UsageRecord, WriteFailures, lock};
 use crate::infra::breaker::Breaker;
-use crate::limits::redis::lazy_connection;
+use crate::infra::redis::lazy_connection;
 
 const PREFIX: &str = "aigw:ledger:";
 const HOURS_KEY: &str = "aigw:ledger:hours";

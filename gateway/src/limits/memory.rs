@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Admission, Clock, CounterStore, Limit, StoreError, Ticket, Window, bucket_secs, period_bounds};
+use super::{Admission, CounterStore, Limit, StoreError, Ticket, Window, bucket_secs, period_bounds};
+use crate::infra::clock::Clock;
 
 const SHARDS: usize = 16;
 /// Expired counters are swept from a shard every this many operations on it.

@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
 use crate::context::RequestContext;
 use crate::error::GatewayError;
-use crate::limits::SystemClock;
+use crate::infra::clock::SystemClock;
 use crate::protocol::{Operation, Route};
 use crate::subscription::KEY_QUERY_PARAM;
 use crate::upstream::circuit::{CircuitBreaker, Health};

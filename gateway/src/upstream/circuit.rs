@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use http::HeaderMap;
 
 use crate::config::{CircuitBreakerConfig, parse_status_range};
-use crate::limits::Clock;
+use crate::infra::clock::Clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CircuitState {
@@ -289,7 +289,7 @@ pub fn retry_after_ms(headers: &HeaderMap, now_ms: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::ManualClock;
+    use crate::infra::clock::ManualClock;
     use http::{HeaderValue, StatusCode};
 
     fn config() -> CircuitBreakerConfig {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::index::{IndexEntry, SharedIndex};
 use super::{CacheError, CacheLimits, CacheStore, Candidate, EntryId, NewEntry};
-use crate::limits::Clock;
+use crate::infra::clock::Clock;
 
 pub struct MemoryCacheStore {
     index: SharedIndex<Bytes>,

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::limits::{Clock, SystemClock};
+use crate::infra::clock::{Clock, SystemClock};
 
 /// Unique across instances: random with Redis, a sequence in memory.
 pub type EntryId = u64;

@@ -37,8 +37,8 @@ use tokio_util::task::AbortOnDropHandle;
 use super::index::{Index, IndexEntry, SharedIndex};
 use super::{CacheError, CacheLimits, CacheStore, Candidate, EntryId, NewEntry};
 use crate::infra::breaker::Breaker;
-use crate::limits::redis::lazy_connection;
-use crate::limits::{Clock, SystemClock};
+use crate::infra::clock::{Clock, SystemClock};
+use crate::infra::redis::lazy_connection;
 
 const ENTRY_PREFIX: &str = "aigw:cache:e:";
 const PARTITION_PREFIX: &str = "aigw:cache:z:";
