@@ -48,6 +48,31 @@ pub enum Route {
     Passthrough { rest: String },
 }
 
+impl Route {
+    /// Refuses client text that would leave the backend's base path once put into a URL (see
+    /// `backend_url`), before any policy runs or any backend is called; decodes the deployment
+    /// name, which the backend URL builder encodes again as exactly one segment.
+    pub fn check(&mut self) -> Result<(), GatewayError> {
+        let refused = |refusal: backend_url::Refusal| GatewayError::invalid(refusal.to_string(), None);
+        match self {
+            Self::Passthrough { rest } => backend_url::check_client_path(rest).map_err(refused),
+            Self::AzureDeployment { deployment } => {
+                let decoded = backend_url::percent_decode(deployment).map_err(refused)?;
+                backend_url::check_name(&decoded).map_err(|refusal| match refusal {
+                    backend_url::Refusal::BadLength => GatewayError::invalid(
+                        format!("The deployment name must be 1 to {} characters long.", backend_url::MAX_NAME_LEN),
+                        Some("deployment"),
+                    ),
+                    other => refused(other),
+                })?;
+                *deployment = decoded;
+                Ok(())
+            }
+            Self::OpenAi | Self::AzureV1 => Ok(()),
+        }
+    }
+}
+
 /// The API a request belongs to, as policies see it.
 #[derive(Debug)]
 pub struct ApiInfo {

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, RawPathParams, Request};
+use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use axum::serve::ListenerExt;
-use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, StatusCode};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -118,6 +118,9 @@ enum Family {
     Passthrough,
 }
 
+/// Where an Azure deployment route's deployment name starts, after the API's path prefix.
+const DEPLOYMENTS: &str = "/openai/deployments/";
+
 /// The OpenAI-kind routes, relative to the API's path prefix.
 const OPENAI_ROUTES: [(&str, Operation, Family); 8] = [
     ("/v1/chat/completions", Operation::ChatCompletions, Family::OpenAi),
@@ -147,9 +150,12 @@ impl Gateway {
         let cache = CacheDeps::new(cache_store(&config, env)?, backends.clone());
         let ledger = Arc::new(Ledger::open(&config, env)?);
         let admin_key = config.admin.as_ref().and_then(|a| KeyDigest::from_config(&a.key_sha256, &a.key_env, env));
+        let invalid_keys =
+            crate::key_guessing::InvalidKeyLimiter::from_config(&config.server.invalid_key_limit).map(Arc::new);
         let deps = PolicyDeps {
             targets: &targets,
             subscriptions: &subscriptions,
+            invalid_keys: &invalid_keys,
             counters: &counters,
             cache: &cache,
             ledger: &ledger,
@@ -198,10 +204,14 @@ impl Gateway {
         }
         let instance = HeaderValue::try_from(instance).unwrap_or(HeaderValue::from_static("aigw"));
         router
-            .fallback(|method: Method, uri: Uri| async move {
-                GatewayError::NotFound { method: method.to_string(), path: uri.path().to_owned() }
+            .fallback(|request: Request| async move {
+                let error = GatewayError::NotFound {
+                    method: request.method().to_string(),
+                    path: request.uri().path().to_owned(),
+                };
+                refuse_unread(error, request).await
             })
-            .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
+            .method_not_allowed_fallback(|request: Request| refuse_unread(GatewayError::MethodNotAllowed, request))
             .layer(axum::middleware::from_fn(assign_request_id))
             .layer(SetResponseHeaderLayer::overriding(HeaderName::from_static("x-gateway-instance"), instance))
             .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response()))
@@ -213,7 +223,7 @@ impl Gateway {
         let tasks = self.shared.tasks.clone();
         let proxies = self.proxies.clone();
         let prefix_len = prefix.len();
-        let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, params: RawPathParams, request: Request| {
+        let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request| {
             let pipeline = pipeline.clone();
             let tasks = tasks.clone();
             let proxies = proxies.clone();
@@ -222,12 +232,15 @@ impl Gateway {
                 let route = match family {
                     Family::OpenAi => Route::OpenAi,
                     Family::AzureV1 => Route::AzureV1,
+                    // As the client sent it, percent-encoded: `Route::check` decodes and checks it
+                    // (axum's own extractors would decode it first, and refuse non-UTF-8 in
+                    // their own words).
                     Family::AzureDeployment => Route::AzureDeployment {
-                        deployment: params
-                            .iter()
-                            .find(|(k, _)| *k == "deployment")
-                            .map(|(_, v)| v.to_owned())
-                            .unwrap_or_default(),
+                        deployment: parts.uri.path()[prefix_len..]
+                            .strip_prefix(DEPLOYMENTS)
+                            .and_then(|rest| rest.split('/').next())
+                            .unwrap_or_default()
+                            .to_owned(),
                     },
                     Family::Passthrough => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
                 };
@@ -408,6 +421,14 @@ async fn prometheus(metrics: Metrics, counters: Arc<Counters>) -> Response {
         u8::from(counters.shared),
     );
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// An error answer to a request whose body was not read (see `connection`).
+async fn refuse_unread(error: GatewayError, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let mut response = error.into_response();
+    crate::connection::settle_unread_body(body, &parts.headers, response.headers_mut()).await;
+    response
 }
 
 /// The gateway's id for one request.
