@@ -93,3 +93,131 @@ pub fn events(
     let usage_at = ev.0.len() - 1;
     (ev.0, Schedule { pieces, usage_at, drop })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::answer::{Answer, PromptHash};
+    use crate::chat::ToolCall;
+
+    /// `(event line, data)` of each SSE frame.
+    fn parse(events: &[Bytes]) -> Vec<(String, Value)> {
+        events
+            .iter()
+            .map(|e| {
+                let s = std::str::from_utf8(e).expect("utf-8");
+                let frame = s.strip_suffix("\n\n").expect("frame ends with a blank line");
+                let (event, data) = frame.split_once('\n').expect("two lines");
+                let kind = event.strip_prefix("event: ").expect("event line");
+                let data = data.strip_prefix("data: ").expect("data line");
+                (kind.to_owned(), serde_json::from_str(data).expect("event JSON"))
+            })
+            .collect()
+    }
+
+    fn objects(status: Status, output: &Output) -> (Value, Value) {
+        let started = json!({"id": "resp_1", "object": "response", "status": "in_progress", "output": []});
+        let item = match output {
+            Output::Text(answer) => message_item("msg_1", status, vec![text_part(answer.text())]),
+            Output::ToolCall(call) => function_call_item("fc_1", call, status, &call.arguments),
+        };
+        let done = json!({"id": "resp_1", "object": "response", "status": "completed", "output": [item],
+            "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}});
+        (started, done)
+    }
+
+    #[test]
+    fn text_events_in_openai_order() {
+        let answer = Answer::simulated(&PromptHash::of("hi"));
+        let text = answer.text().to_owned();
+        let output = Output::Text(answer);
+        let (started, done) = objects(Status::Completed, &output);
+        let (events, schedule) = events(started, &done, "msg_1", &output, Status::Completed, false);
+        let parsed = parse(&events);
+        for (i, (kind, data)) in parsed.iter().enumerate() {
+            assert_eq!(data["type"], kind.as_str(), "the event line names the data's type");
+            assert_eq!(data["sequence_number"], i);
+        }
+        let kinds: Vec<&str> = parsed.iter().map(|(k, _)| k.as_str()).collect();
+        let deltas: Vec<usize> = (0..kinds.len()).filter(|&i| kinds[i] == "response.output_text.delta").collect();
+        assert_eq!(schedule.pieces, deltas[0]..=*deltas.last().expect("deltas"), "the schedule spaces the deltas");
+        let others: Vec<&str> = kinds.iter().copied().filter(|k| *k != "response.output_text.delta").collect();
+        assert_eq!(
+            others,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        let joined: String = deltas.iter().map(|&i| parsed[i].1["delta"].as_str().expect("delta")).collect();
+        assert_eq!(joined, text);
+        for &i in &deltas {
+            let d = &parsed[i].1;
+            assert_eq!(
+                (d["item_id"].as_str(), d["output_index"].as_u64(), d["content_index"].as_u64()),
+                (Some("msg_1"), Some(0), Some(0))
+            );
+        }
+        let added = &parsed[2].1["item"];
+        assert_eq!(
+            (added["status"].as_str(), added["content"].as_array().map(Vec::len)),
+            (Some("in_progress"), Some(0))
+        );
+        assert_eq!(parsed[3].1["part"]["text"], "");
+        assert_eq!(parsed[deltas[deltas.len() - 1] + 1].1["text"], text.as_str());
+        assert_eq!(parsed[kinds.len() - 2].1["item"], done["output"][0]);
+        assert_eq!(parsed[kinds.len() - 1].1["response"], done);
+        assert_eq!(schedule.usage_at, events.len() - 1, "usage goes out with the terminal event");
+        assert!(!schedule.drop);
+    }
+
+    #[test]
+    fn function_call_events() {
+        let call = ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"location":"Paris","unit":"celsius"}"#.into(),
+        };
+        let output = Output::ToolCall(call);
+        let (started, done) = objects(Status::Completed, &output);
+        let (events, schedule) = events(started, &done, "fc_1", &output, Status::Completed, true);
+        let parsed = parse(&events);
+        let kinds: Vec<&str> = parsed.iter().map(|(k, _)| k.as_str()).collect();
+        let n = kinds.len();
+        assert_eq!(kinds[..3], ["response.created", "response.in_progress", "response.output_item.added"]);
+        assert_eq!(
+            kinds[n - 3..],
+            ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+        );
+        assert!(kinds[3..n - 3].iter().all(|k| *k == "response.function_call_arguments.delta"));
+        assert_eq!(schedule.pieces, 3..=n - 4);
+        let added = &parsed[2].1["item"];
+        assert_eq!(
+            *added,
+            json!({"id": "fc_1", "type": "function_call", "status": "in_progress", "arguments": "",
+                "call_id": "call_1", "name": "get_weather"})
+        );
+        let joined: String = parsed[3..n - 3].iter().map(|(_, d)| d["delta"].as_str().expect("delta")).collect();
+        assert_eq!(joined, r#"{"location":"Paris","unit":"celsius"}"#);
+        assert_eq!(parsed[n - 3].1["arguments"], joined.as_str());
+        assert!(schedule.drop);
+    }
+
+    #[test]
+    fn a_cut_answer_ends_incomplete() {
+        let mut answer = Answer::simulated(&PromptHash::of("long"));
+        answer.limit(16);
+        let output = Output::Text(answer);
+        let (started, done) = objects(Status::Incomplete, &output);
+        let (events, _) = events(started, &done, "msg_1", &output, Status::Incomplete, false);
+        let parsed = parse(&events);
+        assert_eq!(parsed[parsed.len() - 1].0, "response.incomplete");
+        assert_eq!(parsed[parsed.len() - 2].1["item"]["status"], "incomplete");
+    }
+}

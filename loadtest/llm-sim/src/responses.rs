@@ -622,11 +622,16 @@ fn fault(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-fn stored(state: &AppState, headers: &HeaderMap, id: &str) -> Result<Arc<Stored>, Response> {
+/// Answers a request about stored response `id` with `answer`, after the injected fault (if any)
+/// and the 404 of an unknown id.
+fn with_stored(state: &AppState, headers: &HeaderMap, id: &str, answer: impl FnOnce(&Stored) -> Response) -> Response {
     if let Some(fault) = fault(state, headers) {
-        return Err(fault);
+        return fault;
     }
-    state.responses.get(id).ok_or_else(|| unknown(id).into_response())
+    match state.responses.get(id) {
+        Some(stored) => answer(&stored),
+        None => unknown(id).into_response(),
+    }
 }
 
 fn unknown(id: &str) -> ApiError {
@@ -634,10 +639,7 @@ fn unknown(id: &str) -> ApiError {
 }
 
 async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    match stored(&state, &headers, &id) {
-        Ok(stored) => api::json_response(StatusCode::OK, &stored.object),
-        Err(resp) => resp,
-    }
+    with_stored(&state, &headers, &id, |stored| api::json_response(StatusCode::OK, &stored.object))
 }
 
 async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -653,13 +655,13 @@ async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>, head
 /// Only background responses can be cancelled; the simulator finishes them at once, so a cancel
 /// finds them finished and answers them unchanged.
 async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    match stored(&state, &headers, &id) {
-        Ok(stored) if stored.background => api::json_response(StatusCode::OK, &stored.object),
-        Ok(_) => {
+    with_stored(&state, &headers, &id, |stored| {
+        if stored.background {
+            api::json_response(StatusCode::OK, &stored.object)
+        } else {
             ApiError::invalid_request("Only responses created with background=true can be cancelled.").into_response()
         }
-        Err(resp) => resp,
-    }
+    })
 }
 
 /// `GET .../responses/{id}/input_items?limit=&order=&after=`: a page of the request's input.
@@ -669,11 +671,12 @@ async fn input_items(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let stored = match stored(&state, &headers, &id) {
-        Ok(stored) => stored,
-        Err(resp) => return resp,
-    };
-    let limit = match api::query_param(&uri, "limit").map(str::parse::<usize>) {
+    with_stored(&state, &headers, &id, |stored| page(&stored.input_items, &uri))
+}
+
+/// A page of `items` (oldest first) per the query's `limit`, `order` and `after`.
+fn page(items: &[Value], uri: &Uri) -> Response {
+    let limit = match api::query_param(uri, "limit").map(str::parse::<usize>) {
         None => 20,
         Some(Ok(n)) if (1..=100).contains(&n) => n,
         Some(_) => {
@@ -683,8 +686,8 @@ async fn input_items(
                 .into_response();
         }
     };
-    let mut items: Vec<&Value> = stored.input_items.iter().collect();
-    match api::query_param(&uri, "order") {
+    let mut items: Vec<&Value> = items.iter().collect();
+    match api::query_param(uri, "order") {
         None | Some("desc") => items.reverse(),
         Some("asc") => {}
         Some(_) => {
@@ -694,7 +697,7 @@ async fn input_items(
                 .into_response();
         }
     }
-    if let Some(after) = api::query_param(&uri, "after") {
+    if let Some(after) = api::query_param(uri, "after") {
         match items.iter().position(|item| item.get("id").and_then(Value::as_str) == Some(after)) {
             Some(at) => items = items.split_off(at + 1),
             None => {
@@ -715,4 +718,259 @@ async fn input_items(
         "has_more": has_more,
     });
     api::json_response(StatusCode::OK, &page)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::faults::{FaultRates, Latency};
+
+    fn app() -> Router {
+        let embeddings = crate::embeddings::Source::choose(Some(std::path::Path::new("none"))).expect("hash vectors");
+        let faults = FaultRates {
+            rate_429: 0.0,
+            rate_500: 0.0,
+            rate_slow: 0.0,
+            rate_drop: 0.0,
+            slow: Duration::ZERO,
+            retry_after_secs: 1,
+        };
+        let latency = Latency { ttft: Duration::ZERO, token_delay: Duration::ZERO };
+        crate::router(Arc::new(AppState::new(None, embeddings, latency, faults)))
+    }
+
+    /// Sends one request through the router: status, headers and the body as JSON (or text).
+    async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, HeaderMap, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .header("x-sim-tally", "unit")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .expect("request");
+        let response = app.clone().oneshot(request).await.expect("infallible");
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (parts.status, parts.headers, value)
+    }
+
+    async fn tally(app: &Router) -> Value {
+        call(app, "GET", "/sim/usage", None).await.2["unit"].clone()
+    }
+
+    fn weather_tool() -> Value {
+        json!({"type": "function", "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}})
+    }
+
+    #[tokio::test]
+    async fn json_response_object_and_usage() {
+        let app = app();
+        let (status, headers, r) = call(
+            &app,
+            "POST",
+            "/v1/responses",
+            Some(json!({"model": "gpt-4o", "input": "Hello", "metadata": {"k": "v"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let marker = PromptHash::of("Hello").short().to_owned();
+        assert_eq!(headers.get("x-sim-prompt-hash").and_then(|v| v.to_str().ok()), Some(marker.as_str()));
+        assert_eq!(
+            (r["object"].as_str(), r["status"].as_str(), r["model"].as_str()),
+            (Some("response"), Some("completed"), Some("gpt-4o"))
+        );
+        assert_eq!(r["metadata"], json!({"k": "v"}), "request parameters are repeated");
+        assert_eq!(r["store"], true);
+        let text = r["output"][0]["content"][0]["text"].as_str().expect("output text");
+        assert!(text.contains(&format!("[p:{marker}]")));
+        let mut counter = PromptCounter::new();
+        counter.message("user", "Hello", None);
+        let usage = &r["usage"];
+        assert_eq!(usage["input_tokens"], counter.total());
+        assert_eq!(usage["output_tokens"], crate::tokens::count(text));
+        assert_eq!(usage["total_tokens"], counter.total() + crate::tokens::count(text));
+        assert_eq!(usage["input_tokens_details"], json!({"cached_tokens": 0}));
+        assert_eq!(usage["output_tokens_details"], json!({"reasoning_tokens": 0}));
+        let t = tally(&app).await;
+        assert_eq!((t["requests"].as_u64(), t["total_tokens"].clone()), (Some(1), usage["total_tokens"].clone()));
+    }
+
+    #[tokio::test]
+    async fn function_call_continued_by_previous_response_id() {
+        let app = app();
+        let prompt = "Weather in Paris? use get_weather";
+        let (_, _, first) = call(
+            &app,
+            "POST",
+            "/openai/v1/responses",
+            Some(json!({"model": "gpt-4o", "instructions": "Be brief.", "input": prompt, "tools": [weather_tool()]})),
+        )
+        .await;
+        let item = &first["output"][0];
+        assert_eq!((item["type"].as_str(), item["name"].as_str()), (Some("function_call"), Some("get_weather")));
+        let call_id = item["call_id"].as_str().expect("call_id");
+        let args: Value = serde_json::from_str(item["arguments"].as_str().expect("arguments")).expect("JSON arguments");
+        assert!(args["city"].is_string());
+
+        let id = first["id"].as_str().expect("id");
+        let output = json!([{"type": "function_call_output", "call_id": call_id, "output": "sunny"}]);
+        let (status, _, second) = call(
+            &app,
+            "POST",
+            "/openai/responses?api-version=2025-04-01-preview",
+            Some(json!({"model": "gpt-4o", "previous_response_id": id, "input": output, "tools": [weather_tool()]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{second}");
+        let marker = PromptHash::of(prompt).short().to_owned();
+        assert_eq!(second["output"][0]["content"][0]["text"], format!("Based on the tool result: sunny [p:{marker}]"));
+        // The stored turns count, the first request's instructions do not carry over.
+        let mut counter = PromptCounter::new();
+        counter.message("user", prompt, None);
+        counter.message("assistant", "", None);
+        counter.extra("get_weather");
+        counter.extra(item["arguments"].as_str().expect("arguments"));
+        counter.message("tool", "sunny", None);
+        assert_eq!(second["usage"]["input_tokens"], counter.total());
+
+        // `input_tokens` counts the same prompt without answering it.
+        let (_, _, counted) = call(
+            &app,
+            "POST",
+            "/v1/responses/input_tokens",
+            Some(json!({"model": "gpt-4o", "previous_response_id": id, "input": output})),
+        )
+        .await;
+        assert_eq!(counted, json!({"object": "response.input_tokens", "input_tokens": counter.total()}));
+
+        // Without the first response the output answers no call.
+        let (status, _, err) =
+            call(&app, "POST", "/v1/responses", Some(json!({"model": "gpt-4o", "input": output}))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(err["error"]["param"], "input");
+    }
+
+    #[tokio::test]
+    async fn stored_responses_retrieve_list_delete() {
+        let app = app();
+        let input = json!(["first", "second", "third"].map(|t| json!({"role": "user", "content": t})));
+        let (_, _, created) =
+            call(&app, "POST", "/v1/responses", Some(json!({"model": "gpt-4o", "input": input}))).await;
+        let id = created["id"].as_str().expect("id");
+        let (status, _, got) = call(&app, "GET", &format!("/v1/responses/{id}"), None).await;
+        assert_eq!((status, &got), (StatusCode::OK, &created));
+
+        let (_, _, page) = call(&app, "GET", &format!("/v1/responses/{id}/input_items?limit=2"), None).await;
+        let texts: Vec<&str> =
+            page["data"].as_array().expect("data").iter().filter_map(|i| i["content"][0]["text"].as_str()).collect();
+        assert_eq!(texts, ["third", "second"], "newest first by default");
+        assert_eq!(page["has_more"], true);
+        assert_eq!(page["data"][0]["type"], "message");
+        let after = page["last_id"].as_str().expect("last_id");
+        let (_, _, rest) = call(&app, "GET", &format!("/v1/responses/{id}/input_items?after={after}"), None).await;
+        assert_eq!(rest["data"][0]["content"][0]["text"], "first");
+        assert_eq!(rest["has_more"], false);
+        let (_, _, asc) = call(&app, "GET", &format!("/v1/responses/{id}/input_items?order=asc"), None).await;
+        assert_eq!(asc["data"][0]["content"], json!([{"type": "input_text", "text": "first"}]));
+
+        let (status, _, err) = call(&app, "POST", &format!("/v1/responses/{id}/cancel"), None).await;
+        assert_eq!((status, err["error"]["type"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request_error")));
+        let (status, _, deleted) = call(&app, "DELETE", &format!("/v1/responses/{id}"), None).await;
+        assert_eq!((status, deleted), (StatusCode::OK, json!({"id": id, "object": "response", "deleted": true})));
+        for (method, path) in [("GET", ""), ("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")] {
+            let (status, _, err) = call(&app, method, &format!("/v1/responses/{id}{path}"), None).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+            assert_eq!(err["error"]["message"], format!("Response with id '{id}' not found."));
+        }
+        let (status, _, err) = call(
+            &app,
+            "POST",
+            "/v1/responses",
+            Some(json!({"model": "gpt-4o", "input": "x", "previous_response_id": id})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(err["error"]["code"], "previous_response_not_found");
+
+        // `store: false` keeps nothing.
+        let (_, _, unstored) =
+            call(&app, "POST", "/v1/responses", Some(json!({"model": "gpt-4o", "input": "x", "store": false}))).await;
+        let path = format!("/v1/responses/{}", unstored["id"].as_str().expect("id"));
+        assert_eq!(call(&app, "GET", &path, None).await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn stream_reports_usage_with_its_terminal_event() {
+        let app = app();
+        let (status, headers, body) =
+            call(&app, "POST", "/v1/responses", Some(json!({"model": "gpt-4o", "input": "Hi", "stream": true}))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers.get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream; charset=utf-8"));
+        let body = body.as_str().expect("SSE text");
+        let last = body.trim_end().rsplit("\n\n").next().expect("frames");
+        assert!(last.starts_with("event: response.completed\ndata: "), "{last}");
+        let completed: Value = serde_json::from_str(&last["event: response.completed\ndata: ".len()..]).expect("JSON");
+        let t = tally(&app).await;
+        assert_eq!(t["total_tokens"], completed["response"]["usage"]["total_tokens"]);
+        assert_eq!(t["requests"], 1);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_openai_400s() {
+        let app = app();
+        let cases = [
+            (json!({"input": "x"}), None),
+            (json!({"model": "gpt-4o"}), Some("input")),
+            (json!({"model": "gpt-4o", "input": {"a": 1}}), Some("input")),
+            (json!({"model": "gpt-4o", "input": [{"role": "robot", "content": "x"}]}), Some("input[0].role")),
+            (json!({"model": "gpt-4o", "input": [{"type": "shell_call"}]}), Some("input[0].type")),
+            (
+                json!({"model": "gpt-4o", "input": [{"type": "function_call_output", "call_id": "c"}]}),
+                Some("input[0].output"),
+            ),
+            (json!({"model": "gpt-4o", "input": "x", "instructions": 3}), Some("instructions")),
+            (json!({"model": "gpt-4o", "input": "x", "max_output_tokens": 15}), Some("max_output_tokens")),
+            (json!({"model": "gpt-4o", "input": "x", "previous_response_id": 7}), Some("previous_response_id")),
+            (json!({"model": "gpt-4o", "input": "x", "tools": [{"type": "function"}]}), Some("tools[0].name")),
+            (json!({"model": "gpt-4o", "input": "x", "background": true, "store": false}), Some("background")),
+        ];
+        for (body, param) in cases {
+            let (status, _, err) = call(&app, "POST", "/v1/responses", Some(body.clone())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err["error"]["type"], "invalid_request_error", "{body}");
+            assert_eq!(err["error"]["param"].as_str(), param, "{body}: {err}");
+        }
+        let (status, _, err) = call(&app, "POST", "/openai/responses", Some(json!({"model": "m", "input": "x"}))).await;
+        assert_eq!((status, err["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("api-version")));
+    }
+
+    #[test]
+    fn store_forgets_the_oldest_beyond_its_bound() {
+        let store = Store::default();
+        let stored = || Stored {
+            object: Value::Null,
+            input_items: Vec::new(),
+            previous: None,
+            turns: Vec::new(),
+            background: false,
+        };
+        for i in 0..=MAX_STORED_RESPONSES {
+            store.insert(format!("resp_{i}"), stored());
+        }
+        assert!(store.get("resp_0").is_none());
+        assert!(store.get("resp_1").is_some());
+        assert!(store.get(&format!("resp_{MAX_STORED_RESPONSES}")).is_some());
+        assert!(store.remove("resp_1"));
+        assert!(!store.remove("resp_1"));
+    }
 }

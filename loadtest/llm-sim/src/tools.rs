@@ -16,7 +16,7 @@ pub enum Shape {
 
 impl Shape {
     /// The object holding the tool's `name` and `parameters`, and its path for error messages.
-    fn function<'a>(self, tool: &'a Value, i: usize) -> (Option<&'a Value>, String) {
+    fn function(self, tool: &Value, i: usize) -> (Option<&Value>, String) {
         match self {
             Self::Chat => (tool.get("function"), format!("tools[{i}].function")),
             Self::Responses => (Some(tool), format!("tools[{i}]")),
@@ -327,7 +327,9 @@ mod tests {
         assert_eq!(tools[0].name, "get_weather");
         let args: Value = serde_json::from_str(&arguments(&tools[0], "in Paris", 1)).expect("arguments are JSON");
         assert!(args["city"].is_string());
-        let err = parse_tools(Some(&json!([{"type": "function"}])), Shape::Responses).expect_err("no name");
+        let Err(err) = parse_tools(Some(&json!([{"type": "function"}])), Shape::Responses) else {
+            panic!("a function tool without a name is refused");
+        };
         assert!(format!("{err:?}").contains("Some(\"tools[0].name\")"), "{err:?}");
         assert!(matches!(
             parse_tool_choice(Some(&json!({"type": "function", "name": "f"})), Shape::Responses),
