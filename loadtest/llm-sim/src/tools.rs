@@ -43,7 +43,8 @@ pub enum ToolChoice<'a> {
 pub fn parse_tools(tools: Option<&Value>, shape: Shape) -> Result<Vec<FunctionTool<'_>>, ApiError> {
     let list = match tools {
         None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(list)) if list.is_empty() => {
+        // The Responses API takes `[]` for no tools (the Agents SDK sends it); chat refuses it.
+        Some(Value::Array(list)) if list.is_empty() && matches!(shape, Shape::Chat) => {
             return Err(ApiError::invalid_request(
                 "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.",
             )
@@ -331,6 +332,7 @@ mod tests {
             panic!("a function tool without a name is refused");
         };
         assert!(format!("{err:?}").contains("Some(\"tools[0].name\")"), "{err:?}");
+        assert!(parse_tools(Some(&json!([])), Shape::Responses).is_ok_and(|t| t.is_empty()));
         assert!(matches!(
             parse_tool_choice(Some(&json!({"type": "function", "name": "f"})), Shape::Responses),
             Ok(ToolChoice::Named("f"))
