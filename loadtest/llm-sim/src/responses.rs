@@ -67,10 +67,10 @@ impl Turn {
     }
 
     fn digest(&self, hasher: &mut Sha256) {
-        let fields: [&str; 3] = match self {
-            Self::Message { role, text } => ["message", role, text],
-            Self::FunctionCall { call_id, name, arguments } => [call_id, name, arguments],
-            Self::FunctionCallOutput { call_id, output } => ["output", call_id, output],
+        let fields: &[&str] = match self {
+            Self::Message { role, text } => &["message", role, text],
+            Self::FunctionCall { call_id, name, arguments } => &["function_call", call_id, name, arguments],
+            Self::FunctionCallOutput { call_id, output } => &["function_call_output", call_id, output],
         };
         for field in fields {
             hasher.update(field.as_bytes());
@@ -170,7 +170,7 @@ async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     resp
 }
 
-/// The status a finished response ends in.
+/// A response's (or an output item's) `status`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Status {
     InProgress,
@@ -394,7 +394,7 @@ fn prompt(state: &AppState, req: &Map<String, Value>, model: &str) -> Result<Pro
         None | Some(Value::Null) => return Err(ApiError::missing("input")),
         Some(Value::String(text)) => {
             let item = json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]});
-            (vec![Turn::Message { role: "user".to_owned(), text: text.clone() }], vec![listed(&item, 0)])
+            (vec![Turn::Message { role: "user".to_owned(), text: text.clone() }], vec![listed(&item)])
         }
         Some(Value::Array(items)) => input(items)?,
         Some(other) => return Err(ApiError::invalid_type("input", "a string or an array", other)),
@@ -545,7 +545,7 @@ fn input(items: &[Value]) -> Result<(Vec<Turn>, Vec<Value>), ApiError> {
                 .code("invalid_value"));
             }
         }
-        listed_items.push(listed(item, i));
+        listed_items.push(listed(item));
     }
     Ok((turns, listed_items))
 }
@@ -568,7 +568,7 @@ fn content_text(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
 
 /// An input item as `input_items` lists it: typed, with an id and a status, a message's string
 /// content as a text part.
-fn listed(item: &Value, i: usize) -> Value {
+fn listed(item: &Value) -> Value {
     let mut obj = item.as_object().cloned().unwrap_or_default();
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or("message").to_owned();
     if kind == "message"
@@ -586,7 +586,7 @@ fn listed(item: &Value, i: usize) -> Value {
         "reasoning" => "rs",
         _ => "item",
     };
-    obj.entry("id").or_insert_with(|| Value::from(format!("{}{i:04}", new_id(prefix))));
+    obj.entry("id").or_insert_with(|| Value::from(new_id(prefix)));
     if kind != "item_reference" {
         obj.entry("status").or_insert_with(|| Value::from("completed"));
     }
