@@ -369,8 +369,8 @@ struct Prompt {
     prefix_tokens: usize,
 }
 
-/// Validates what create and `input_tokens` share (`model`, `instructions`, `input`,
-/// `previous_response_id`) and counts the prompt.
+/// Validates what create and `input_tokens` share (`instructions`, `input`,
+/// `previous_response_id`) and counts the prompt `model` will see.
 fn prompt(state: &AppState, req: &Map<String, Value>, model: &str) -> Result<Prompt, ApiError> {
     let instructions = match req.get("instructions") {
         None | Some(Value::Null) => None,
