@@ -98,9 +98,12 @@ impl Gateway {
         let cache = CacheDeps::new(stores.cache, backends.clone());
         let ledger = Arc::new(stores.ledger);
         let admin_key = config.admin.as_ref().and_then(|a| KeyDigest::from_config(&a.key_sha256, &a.key_env, env));
+        let invalid_keys =
+            crate::key_guessing::InvalidKeyLimiter::from_config(&config.server.invalid_key_limit).map(Arc::new);
         let deps = PolicyDeps {
             targets: &targets,
             subscriptions: &subscriptions,
+            invalid_keys: &invalid_keys,
             counters: &counters,
             cache: &cache,
             ledger: &ledger,

@@ -21,6 +21,10 @@ pub const INVALID_KEY_MESSAGE: &str =
 pub enum GatewayError {
     MissingSubscriptionKey,
     InvalidSubscriptionKey,
+    /// An invalid key from an address that has sent too many of them (see `key_guessing`).
+    TooManyInvalidKeys {
+        retry_after_secs: u64,
+    },
     /// The request is malformed; `param` names the offending field like OpenAI does.
     InvalidRequest {
         message: String,
@@ -119,9 +123,10 @@ impl GatewayError {
             Self::BackendInvalidResponse { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendToken { local: false, .. } => StatusCode::BAD_GATEWAY,
             Self::BackendToken { local: true, .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::TokenLimitExceeded { .. } | Self::TokensOverLimit { .. } | Self::RateLimitExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::TokenLimitExceeded { .. }
+            | Self::TokensOverLimit { .. }
+            | Self::RateLimitExceeded { .. }
+            | Self::TooManyInvalidKeys { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TokenQuotaExceeded { .. } | Self::CallQuotaExceeded { .. } => StatusCode::FORBIDDEN,
             Self::LimitStoreUnavailable | Self::NoBackendAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,6 +138,7 @@ impl GatewayError {
         match self {
             Self::MissingSubscriptionKey => "missing_subscription_key",
             Self::InvalidSubscriptionKey => "invalid_subscription_key",
+            Self::TooManyInvalidKeys { .. } => "too_many_invalid_keys",
             Self::InvalidRequest { .. } => "invalid_request",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NotFound { .. } => "not_found",
@@ -170,6 +176,10 @@ impl GatewayError {
         match self {
             Self::MissingSubscriptionKey => MISSING_KEY_MESSAGE.to_owned(),
             Self::InvalidSubscriptionKey => INVALID_KEY_MESSAGE.to_owned(),
+            Self::TooManyInvalidKeys { retry_after_secs } => format!(
+                "Too many requests with an invalid subscription key from this address. Try again in \
+                 {retry_after_secs} seconds."
+            ),
             Self::InvalidRequest { message, .. } => message.clone(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body is larger than the gateway's limit of {limit} bytes.")
@@ -240,6 +250,7 @@ impl GatewayError {
             | Self::TokenQuotaExceeded { retry_after_secs }
             | Self::RateLimitExceeded { retry_after_secs }
             | Self::CallQuotaExceeded { retry_after_secs }
+            | Self::TooManyInvalidKeys { retry_after_secs }
             | Self::NoBackendAvailable { retry_after_secs, .. } => Some(*retry_after_secs),
             _ => None,
         }

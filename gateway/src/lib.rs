@@ -8,12 +8,14 @@ pub mod app;
 pub mod cache;
 pub mod client_ip;
 pub mod config;
+pub mod connection;
 pub mod context;
 pub mod embed;
 pub mod error;
 #[cfg(test)]
 pub(crate) mod harness;
 pub mod infra;
+pub mod key_guessing;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, RawPathParams, Request};
+use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use axum::serve::ListenerExt;
-use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, StatusCode};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -89,36 +89,43 @@ impl Gateway {
         }
         let instance = HeaderValue::try_from(instance).unwrap_or(HeaderValue::from_static("aigw"));
         router
-            .fallback(|method: Method, uri: Uri| async move {
-                GatewayError::NotFound { method: method.to_string(), path: uri.path().to_owned() }
+            .fallback(|request: Request| async move {
+                let error = GatewayError::NotFound {
+                    method: request.method().to_string(),
+                    path: request.uri().path().to_owned(),
+                };
+                refuse_unread(error, request).await
             })
-            .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
+            .method_not_allowed_fallback(|request: Request| refuse_unread(GatewayError::MethodNotAllowed, request))
             .layer(axum::middleware::from_fn(assign_request_id))
             .layer(SetResponseHeaderLayer::overriding(HeaderName::from_static("x-gateway-instance"), instance))
             .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response()))
     }
 
     /// The handler for one route of one API: an `openai` route reads its [`Route`] from the path
-    /// parameters; without one, the route is the pass-through's rest of the path.
+    /// after the API's prefix; without one, the route is the pass-through's rest of the path.
     fn endpoint(
         &self,
         pipeline: &Arc<Pipeline>,
         operation: Operation,
-        route_of: Option<fn(&RawPathParams) -> Route>,
+        route_of: Option<fn(&str) -> Route>,
         prefix: &str,
     ) -> MethodRouter {
         let pipeline = pipeline.clone();
         let tasks = self.shared.tasks.clone();
         let proxies = self.proxies.clone();
         let prefix_len = prefix.len();
-        let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, params: RawPathParams, request: Request| {
+        let handler = move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request| {
             let pipeline = pipeline.clone();
             let tasks = tasks.clone();
             let proxies = proxies.clone();
             async move {
                 let (parts, body) = request.into_parts();
                 let route = match route_of {
-                    Some(route_of) => route_of(&params),
+                    // Read from the path as the client sent it, percent-encoded: `Route::check`
+                    // decodes and checks it (axum's own extractors would decode it first, and
+                    // refuse non-UTF-8 in their own words).
+                    Some(route_of) => route_of(&parts.uri.path()[prefix_len..]),
                     None => Route::Passthrough { rest: parts.uri.path()[prefix_len..].to_owned() },
                 };
                 let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
@@ -277,6 +284,14 @@ async fn prometheus(metrics: Metrics, counters: Arc<Counters>) -> Response {
         u8::from(counters.shared),
     );
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// An error answer to a request whose body was not read (see `connection`).
+async fn refuse_unread(error: GatewayError, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let mut response = error.into_response();
+    crate::connection::settle_unread_body(body, &parts.headers, response.headers_mut()).await;
+    response
 }
 
 /// The gateway's id for one request.

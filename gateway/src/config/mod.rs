@@ -149,6 +149,27 @@ pub struct ServerConfig {
     pub request_log: bool,
     /// Load balancers and proxies (addresses or CIDR blocks) whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// Failed subscription-key attempts per client address (see `key_guessing`).
+    pub invalid_key_limit: InvalidKeyLimitConfig,
+}
+
+/// After `attempts` invalid keys from one client address (in a burst; one more every
+/// `per-secs / attempts` seconds), that address gets 429 for invalid keys. Valid keys are never
+/// slowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct InvalidKeyLimitConfig {
+    pub enabled: bool,
+    pub attempts: u32,
+    pub per_secs: u64,
+}
+
+impl Default for InvalidKeyLimitConfig {
+    fn default() -> Self {
+        // Generous: a client with a mistyped key retrying in a loop is refused after a minute's
+        // worth of attempts, while a guesser gets about one try a second.
+        Self { enabled: true, attempts: 60, per_secs: 60 }
+    }
 }
 
 impl Default for ServerConfig {
@@ -159,6 +180,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             request_log: true,
             trusted_proxies: Vec::new(),
+            invalid_key_limit: InvalidKeyLimitConfig::default(),
         }
     }
 }
@@ -679,6 +701,13 @@ impl Config {
     fn validate(&self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::at("server.max-body-bytes", "must be greater than 0"));
+        }
+        let limit = &self.server.invalid_key_limit;
+        if limit.enabled && (limit.attempts == 0 || limit.per_secs == 0) {
+            return Err(ConfigError::at(
+                "server.invalid-key-limit",
+                "attempts and per-secs must be greater than 0 (set enabled = false to switch the limit off)",
+            ));
         }
         for (i, block) in self.server.trusted_proxies.iter().enumerate() {
             crate::client_ip::Cidr::parse(block)

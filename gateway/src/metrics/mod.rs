@@ -287,6 +287,7 @@ fn limit_rejection(error: &GatewayError) -> Option<&'static str> {
         GatewayError::RateLimitExceeded { .. } => "rate-limit",
         GatewayError::CallQuotaExceeded { .. } => "call-quota",
         GatewayError::LimitStoreUnavailable => "limit-store-unavailable",
+        GatewayError::TooManyInvalidKeys { .. } => "invalid-key",
         _ => return None,
     })
 }

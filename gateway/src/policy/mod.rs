@@ -82,6 +82,7 @@ pub struct PolicyDeps<'a> {
     /// Backends and pools by id.
     pub targets: &'a BTreeMap<String, Target>,
     pub subscriptions: &'a Arc<SubscriptionStore>,
+    pub invalid_keys: &'a Option<Arc<crate::key_guessing::InvalidKeyLimiter>>,
     pub counters: &'a Arc<Counters>,
     pub cache: &'a CacheDeps,
     pub ledger: &'a Arc<Ledger>,

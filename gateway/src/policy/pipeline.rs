@@ -65,7 +65,10 @@ impl Pipeline {
         };
         let mut inbound: Vec<Box<dyn Policy>> = Vec::new();
         if config.subscription_required {
-            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth { store: deps.subscriptions.clone() }));
+            inbound.push(Box::new(subscription_key::SubscriptionKeyAuth {
+                store: deps.subscriptions.clone(),
+                invalid_keys: deps.invalid_keys.clone(),
+            }));
         }
         inbound.extend(section(&config.inbound)?);
         let outbound = section(&config.outbound)?;
@@ -88,10 +91,14 @@ impl Pipeline {
     /// task of its own; a JSON answer is completed by a task of its own too, as every completion
     /// appends to the ledger (a store round trip with Redis).
     pub async fn run(self: Arc<Self>, mut ctx: RequestContext, body: Body) -> Response {
-        let (mut response, stream) = match self.respond(&mut ctx, &mut Some(body)).await {
+        let mut body = Some(body);
+        let (mut response, stream) = match self.respond(&mut ctx, &mut body).await {
             Ok(ready) => ready,
             Err(error) => (self.error_response(&mut ctx, error).await, None),
         };
+        if let Some(unread) = body {
+            crate::connection::settle_unread_body(unread, &ctx.request.headers, response.headers_mut()).await;
+        }
         for policy in self.inbound.iter().chain(&self.outbound).chain(&self.on_error) {
             policy.response_headers(&ctx, response.headers_mut());
         }
@@ -127,6 +134,7 @@ impl Pipeline {
         ctx: &mut RequestContext,
         body: &mut Option<Body>,
     ) -> Result<(Response, Option<StreamRelay>), GatewayError> {
+        ctx.request.route.check()?;
         for policy in &self.inbound {
             if policy.reads_body() {
                 self.read_body(ctx, body).await?;

@@ -6,7 +6,6 @@ pub mod openai;
 pub mod sse;
 pub mod tokens;
 
-use axum::extract::RawPathParams;
 use bytes::Bytes;
 
 use crate::context::Payload;
@@ -47,17 +46,47 @@ pub enum Route {
     Passthrough { rest: String },
 }
 
+impl Route {
+    /// Refuses client text that would leave the backend's base path once put into a URL (see
+    /// `backend_url`), before any policy runs or any backend is called; decodes the deployment
+    /// name, which the backend URL builder encodes again as exactly one segment.
+    pub fn check(&mut self) -> Result<(), GatewayError> {
+        let refused = |refusal: backend_url::Refusal| GatewayError::invalid(refusal.to_string(), None);
+        match self {
+            Self::Passthrough { rest } => backend_url::check_client_path(rest).map_err(refused),
+            Self::AzureDeployment { deployment } => {
+                let decoded = backend_url::percent_decode(deployment).map_err(refused)?;
+                backend_url::check_name(&decoded).map_err(|refusal| match refusal {
+                    backend_url::Refusal::BadLength => GatewayError::invalid(
+                        format!("The deployment name must be 1 to {} characters long.", backend_url::MAX_NAME_LEN),
+                        Some("deployment"),
+                    ),
+                    other => refused(other),
+                })?;
+                *deployment = decoded;
+                Ok(())
+            }
+            Self::OpenAi | Self::AzureV1 => Ok(()),
+        }
+    }
+}
+
 /// One route of an `openai` API, relative to the API's path prefix: its path pattern, its
-/// operation, and how its [`Route`] is read from the path parameters.
+/// operation, and how its [`Route`] is read from the request's path after the prefix.
 pub struct OpenAiRoute {
     pub path: &'static str,
     pub operation: Operation,
-    pub route: fn(&RawPathParams) -> Route,
+    pub route: fn(&str) -> Route,
 }
 
-fn deployment(params: &RawPathParams) -> Route {
-    let deployment = params.iter().find(|(k, _)| *k == "deployment").map(|(_, v)| v.to_owned()).unwrap_or_default();
-    Route::AzureDeployment { deployment }
+/// Where an Azure deployment route's deployment name starts, after the API's path prefix.
+const DEPLOYMENTS: &str = "/openai/deployments/";
+
+/// The deployment name as the client sent it, percent-encoded: [`Route::check`] decodes and
+/// checks it (axum's own extractors would decode it first, and refuse non-UTF-8 in their own words).
+fn deployment(path: &str) -> Route {
+    let deployment = path.strip_prefix(DEPLOYMENTS).and_then(|rest| rest.split('/').next()).unwrap_or_default();
+    Route::AzureDeployment { deployment: deployment.to_owned() }
 }
 
 /// The OpenAI-kind routes, relative to the API's path prefix.

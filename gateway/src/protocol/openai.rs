@@ -71,6 +71,19 @@ fn model(body: &Map<String, Value>, deployment: Option<&str>) -> Result<Option<S
     if model.is_none() && deployment.is_none() {
         return Err(GatewayError::invalid("You must provide a model parameter.", Some("model")));
     }
+    // The model names metrics, ledger rows and cache partitions, and some backends echo it in a
+    // header: a name of kilobytes, or one with control characters, is refused here.
+    if let Some(name) = &model
+        && (name.len() > backend_url::MAX_NAME_LEN || name.chars().any(char::is_control))
+    {
+        return Err(GatewayError::invalid(
+            format!(
+                "Invalid 'model': expected a model name of at most {} characters, without control characters.",
+                backend_url::MAX_NAME_LEN
+            ),
+            Some("model"),
+        ));
+    }
     Ok(model)
 }
 
@@ -292,6 +305,9 @@ mod tests {
         assert_eq!(bad(r#"{"model":"m","messages":"hi"}"#).1, Some("messages"));
         assert_eq!(bad(r#"{"model":"m","messages":[{"content":"x"}]}"#).1, Some("messages"));
         assert_eq!(bad(r#"{"model":7,"messages":[{"role":"user"}]}"#).1, Some("model"));
+        let long_model = format!(r#"{{"model":"{}","messages":[{{"role":"user"}}]}}"#, "m".repeat(257));
+        assert_eq!(bad(&long_model).1, Some("model"));
+        assert_eq!(bad(r#"{"model":"a\nb","messages":[{"role":"user"}]}"#).1, Some("model"));
         assert_eq!(bad(r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#).1, Some("stream"));
         assert_eq!(bad(r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#).1, Some("max_tokens"));
         assert_eq!(bad(r#"{"model":"m","messages":[{"role":"user"}],"tools":{}}"#).1, Some("tools"));

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backend_url::{BaseUrl, Url, encode_segment};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::config::{BackendAuthConfig, BackendConfig, BackendKind, EnvLookup};
@@ -21,8 +22,8 @@ use crate::upstream::identity::{TokenCache, TokenCaches};
 pub struct Backend {
     pub id: String,
     pub kind: BackendKind,
-    /// The configured URL without a trailing slash.
-    base: String,
+    /// The configured URL, which every request URL stays under.
+    base: BaseUrl,
     credential: Credential,
     timeout: Duration,
     client: reqwest::Client,
@@ -48,7 +49,7 @@ impl std::fmt::Debug for Backend {
 }
 
 /// The Azure OpenAI API version of the gateway's own embeddings requests (the current GA version).
-const EMBEDDINGS_API_VERSION: &str = "2024-10-21";
+const EMBEDDINGS_API_VERSION_QUERY: &str = "api-version=2024-10-21";
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the client
 /// used to authenticate to the gateway.
@@ -110,7 +111,7 @@ impl Backend {
         Ok(Self {
             id: id.to_owned(),
             kind: config.kind,
-            base: config.url.trim_end_matches('/').to_owned(),
+            base: BaseUrl::parse(&config.url)?,
             credential,
             timeout: config.timeout(),
             client,
@@ -120,7 +121,7 @@ impl Backend {
 
     /// The configured base URL (never holds a secret: config validation forbids a query string).
     pub fn base_url(&self) -> &str {
-        &self.base
+        self.base.as_str()
     }
 
     pub fn timeout(&self) -> Duration {
@@ -132,35 +133,46 @@ impl Backend {
         self.circuit.health()
     }
 
-    /// The backend URL for this request.
-    pub fn url_for(&self, ctx: &RequestContext) -> String {
+    /// The backend URL for this request: the base URL, the path the route and operation make, and
+    /// the client's query string less the subscription key (and less `api-version` where the
+    /// backend's route has none). Client text in the path was checked by [`Route::check`] before
+    /// any policy ran; the built URL is checked again here, after the parser normalised it.
+    pub fn url_for(&self, ctx: &RequestContext) -> Result<Url, GatewayError> {
         let op = match ctx.operation {
             Operation::ChatCompletions => "chat/completions",
             Operation::Embeddings => "embeddings",
             Operation::ListModels => "models",
             Operation::Passthrough => "",
         };
-        let query = ctx.request.query.as_deref().filter(|q| !q.is_empty());
-        let (mut url, keep_api_version) = match (&ctx.request.route, self.kind) {
-            (Route::Passthrough { rest }, _) => (format!("{}{rest}", self.base), true),
+        let (path, keep_api_version) = match (&ctx.request.route, self.kind) {
+            (Route::Passthrough { rest }, _) => (rest.clone(), true),
             (Route::AzureDeployment { deployment, .. }, BackendKind::AzureOpenai) => {
-                (format!("{}/openai/deployments/{}/{op}", self.base, encode_segment(deployment)), true)
+                (format!("/openai/deployments/{}/{op}", encode_segment(deployment)), true)
             }
-            (_, BackendKind::AzureOpenai) => (format!("{}/openai/v1/{op}", self.base), false),
-            (_, BackendKind::Openai) => (format!("{}/{op}", self.base), false),
+            (_, BackendKind::AzureOpenai) => (format!("/openai/v1/{op}"), false),
+            (_, BackendKind::Openai) => (format!("/{op}"), false),
         };
-        let mut separator = '?';
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        let mut query = String::new();
+        for pair in ctx.request.query.as_deref().into_iter().flat_map(|q| q.split('&')) {
             let name = pair.split('=').next().unwrap_or("");
             // The subscription key is the gateway's credential and never reaches a backend.
             if pair.is_empty() || name == KEY_QUERY_PARAM || (!keep_api_version && name == "api-version") {
                 continue;
             }
-            url.push(separator);
-            url.push_str(pair);
-            separator = '&';
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str(pair);
         }
-        url
+        self.base.join(&path, Some(query.as_str()).filter(|q| !q.is_empty())).map_err(|refusal| {
+            // Unreachable while Route::check holds; if it ever is not, say so loudly. The path is
+            // client text: only its length goes to the log.
+            tracing::error!(
+                request_id = %ctx.request_id, backend = %self.id, path_len = path.len(),
+                "refused a backend URL outside the backend's base path"
+            );
+            GatewayError::invalid(refusal.to_string(), None)
+        })
     }
 
     /// The header that authenticates the gateway to this backend, if any. A managed identity's token
@@ -199,8 +211,8 @@ impl Backend {
         if let Ok(id) = HeaderValue::try_from(ctx.request_id.as_str()) {
             headers.insert(HeaderName::from_static("x-request-id"), id);
         }
-        let request =
-            self.client.request(ctx.request.method.clone(), self.url_for(ctx)).headers(headers).timeout(self.timeout);
+        let url = self.url_for(ctx)?;
+        let request = self.client.request(ctx.request.method.clone(), url).headers(headers).timeout(self.timeout);
         let request = if body.is_empty() { request } else { request.body(body) };
         request.send().await.map_err(|e| self.error(&e))
     }
@@ -212,15 +224,15 @@ impl Backend {
         model: Option<&str>,
         body: Vec<u8>,
     ) -> Result<reqwest::RequestBuilder, GatewayError> {
-        let url = match (self.kind, model) {
-            (BackendKind::AzureOpenai, Some(deployment)) => format!(
-                "{}/openai/deployments/{}/embeddings?api-version={EMBEDDINGS_API_VERSION}",
-                self.base,
-                encode_segment(deployment)
+        let (path, query) = match (self.kind, model) {
+            (BackendKind::AzureOpenai, Some(deployment)) => (
+                format!("/openai/deployments/{}/embeddings", encode_segment(deployment)),
+                Some(EMBEDDINGS_API_VERSION_QUERY),
             ),
-            (BackendKind::AzureOpenai, None) => format!("{}/openai/v1/embeddings", self.base),
-            (BackendKind::Openai, _) => format!("{}/embeddings", self.base),
+            (BackendKind::AzureOpenai, None) => ("/openai/v1/embeddings".to_owned(), None),
+            (BackendKind::Openai, _) => ("/embeddings".to_owned(), None),
         };
+        let url = self.base.join(&path, query).map_err(|refusal| GatewayError::invalid(refusal.to_string(), None))?;
         let mut request = self
             .client
             .post(url)
@@ -239,6 +251,11 @@ impl Backend {
         tracing::warn!(backend = %self.id, error = %error, source = ?std::error::Error::source(error), "backend request failed");
         if error.is_timeout() {
             GatewayError::BackendTimeout { backend: self.id.clone() }
+        } else if unparsable_answer(error) {
+            GatewayError::BackendInvalidResponse {
+                backend: self.id.clone(),
+                detail: "its response could not be parsed as HTTP",
+            }
         } else {
             let detail = if error.is_connect() { "could not connect" } else { "the connection failed" };
             GatewayError::BackendUnavailable { backend: self.id.clone(), detail: detail.to_owned() }
@@ -246,24 +263,24 @@ impl Backend {
     }
 }
 
+/// Whether the backend answered, but with a response head HTTP cannot parse (a malformed status
+/// line or header, or a head over hyper's size limit).
+fn unparsable_answer(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            return hyper.is_parse() || hyper.is_parse_too_large() || hyper.is_parse_status();
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn sensitive(value: &str, var: &str) -> Result<HeaderValue, String> {
     let mut value =
         HeaderValue::try_from(value).map_err(|_| format!("the value of {var} is not valid in an HTTP header"))?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-/// Percent-encodes what may not stand in a path segment (a deployment name is client input).
-pub(crate) fn encode_segment(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 /// Response headers not passed back to the client: hop-by-hop ones, and the length, which the

@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::embeddings;
 use crate::faults::{FaultRates, Latency};
 use crate::usage::{PromptCache, Tally};
+use crate::{embeddings, responses};
 
 pub const X_SIM_MODEL: HeaderName = HeaderName::from_static("x-sim-model");
 pub const X_SIM_PROMPT_HASH: HeaderName = HeaderName::from_static("x-sim-prompt-hash");
@@ -43,6 +43,8 @@ pub struct AppState {
     pub faults: RwLock<FaultRates>,
     pub tally: Arc<Tally>,
     pub prompt_cache: PromptCache,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
+    pub responses: responses::Store,
     /// The model list never changes, so it is serialized once.
     models_body: Bytes,
 }
@@ -63,6 +65,7 @@ impl AppState {
             faults: RwLock::new(faults),
             tally: Arc::default(),
             prompt_cache: PromptCache::default(),
+            responses: responses::Store::default(),
             models_body: Bytes::from(serde_json::to_vec(&list).unwrap_or_default()),
         }
     }
@@ -133,6 +136,11 @@ impl ApiError {
         ))
         .param(param)
         .code("invalid_type")
+    }
+
+    /// A 404 of the API (an unknown path or object).
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, ..Self::invalid_request(message) }
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
@@ -261,12 +269,8 @@ pub enum Target {
 impl Target {
     /// Azure deployment routes refuse requests without `api-version`.
     pub fn azure(deployment: String, uri: &Uri) -> Result<Self, ApiError> {
-        match query_param(uri, "api-version") {
-            Some(v) if !v.is_empty() => Ok(Self::Deployment(deployment)),
-            _ => Err(ApiError::invalid_request("Missing required query parameter: api-version")
-                .param("api-version")
-                .code("missing_required_parameter")),
-        }
+        require_api_version(uri)?;
+        Ok(Self::Deployment(deployment))
     }
 
     pub fn model(&self, body: &Map<String, Value>) -> Result<String, ApiError> {
@@ -281,7 +285,26 @@ impl Target {
     }
 }
 
-fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+/// Azure OpenAI's routes without `/v1` (`/openai/deployments/...`, `/openai/responses`) need
+/// `?api-version=`.
+pub fn require_api_version(uri: &Uri) -> Result<(), ApiError> {
+    match query_param(uri, "api-version") {
+        Some(v) if !v.is_empty() => Ok(()),
+        _ => Err(ApiError::invalid_request("Missing required query parameter: api-version")
+            .param("api-version")
+            .code("missing_required_parameter")),
+    }
+}
+
+/// Middleware form of [`require_api_version`], for whole route groups.
+pub async fn api_version_required(req: Request, next: Next) -> Response {
+    match require_api_version(req.uri()) {
+        Ok(()) => next.run(req).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+pub fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then_some(v)
@@ -385,12 +408,5 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
 
 /// OpenAI answers unknown paths (and wrong methods) with this 404.
 pub async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!("Invalid URL ({method} {})", uri.path()).into(),
-        kind: "invalid_request_error",
-        param: None,
-        code: None,
-        retry_after_secs: 1,
-    }
+    ApiError::not_found(format!("Invalid URL ({method} {})", uri.path()))
 }

@@ -50,6 +50,44 @@ pub struct ToolCall {
 }
 
 impl Output {
+    /// What the simulated model answers to `user_text` (the last user message, `hash` its hash),
+    /// the same for chat and Responses: after tool results (those that follow the last user
+    /// message), an answer quoting them; with function tools
+    /// offered and not declined, a call of one; else the simulated answer. Text is cut to
+    /// `max_tokens`.
+    pub fn choose(
+        tools: &[tools::FunctionTool<'_>],
+        choice: &tools::ToolChoice<'_>,
+        user_text: &str,
+        hash: &PromptHash,
+        tool_results: &[String],
+        max_tokens: Option<usize>,
+    ) -> Result<Self, ApiError> {
+        let mut answer = if !tool_results.is_empty() {
+            Answer::tool_result(tool_results, hash)
+        } else if !tools.is_empty() && !matches!(choice, tools::ToolChoice::None) {
+            let tool = tools::select(tools, choice, user_text)?;
+            return Ok(Self::ToolCall(ToolCall {
+                id: format!("call_{}", hash.long()),
+                name: tool.name.to_owned(),
+                arguments: tools::arguments(tool, user_text, hash.seed()),
+            }));
+        } else {
+            Answer::simulated(hash)
+        };
+        if let Some(max) = max_tokens {
+            answer.limit(max);
+        }
+        Ok(Self::Text(answer))
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        match self {
+            Self::Text(answer) => answer.completion_tokens(),
+            Self::ToolCall(call) => tokens::count(&call.name) + tokens::count(&call.arguments),
+        }
+    }
+
     pub fn finish_reason(&self) -> &'static str {
         match self {
             Self::Text(a) if a.truncated => "length",
@@ -181,7 +219,7 @@ async fn respond(state: &AppState, headers: &HeaderMap, p: &Prepared) -> Respons
     api::json_response(StatusCode::OK, &completion)
 }
 
-async fn sleep(d: std::time::Duration) {
+pub async fn sleep(d: std::time::Duration) {
     // Zero-latency mode must not touch the timer wheel at all.
     if !d.is_zero() {
         tokio::time::sleep(d).await;
@@ -245,7 +283,7 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
         Some(Value::Array(m)) => m,
         Some(other) => return Err(ApiError::invalid_type("messages", "an array", other)),
     };
-    let stream = optional_bool(req.get("stream"), "stream")?;
+    let stream = optional_bool(req.get("stream"), "stream")?.unwrap_or(false);
     let include_usage = match req.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(_) if !stream => {
@@ -255,16 +293,18 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
             .param("stream_options")
             .code("invalid_value"));
         }
-        Some(Value::Object(o)) => optional_bool(o.get("include_usage"), "stream_options.include_usage")?,
+        Some(Value::Object(o)) => {
+            optional_bool(o.get("include_usage"), "stream_options.include_usage")?.unwrap_or(false)
+        }
         Some(other) => return Err(ApiError::invalid_type("stream_options", "an object", other)),
     };
     // `max_completion_tokens` superseded `max_tokens`; honour either.
-    let max_tokens = match max_tokens(req.get("max_completion_tokens"), "max_completion_tokens")? {
+    let max_tokens = match max_tokens(req.get("max_completion_tokens"), "max_completion_tokens", 1)? {
         Some(n) => Some(n),
-        None => max_tokens(req.get("max_tokens"), "max_tokens")?,
+        None => max_tokens(req.get("max_tokens"), "max_tokens", 1)?,
     };
-    let tool_list = tools::parse_tools(req.get("tools"))?;
-    let tool_choice = tools::parse_tool_choice(req.get("tool_choice"))?;
+    let tool_list = tools::parse_tools(req.get("tools"), tools::Shape::Chat)?;
+    let tool_choice = tools::parse_tool_choice(req.get("tool_choice"), tools::Shape::Chat)?;
 
     let mut counter = PromptCounter::new();
     let mut texts: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(messages.len());
@@ -290,29 +330,8 @@ fn prepare(target: &Target, body: &[u8]) -> Result<Prepared, ApiError> {
         .map(|(_, text)| text.to_string())
         .collect();
 
-    let output = if !tool_results.is_empty() {
-        Output::Text(Answer::tool_result(&tool_results, &hash))
-    } else if !tool_list.is_empty() && !matches!(tool_choice, tools::ToolChoice::None) {
-        let tool = tools::select(&tool_list, &tool_choice, user_text)?;
-        Output::ToolCall(ToolCall {
-            id: format!("call_{}", hash.long()),
-            name: tool.name.to_owned(),
-            arguments: tools::arguments(tool, user_text, hash.seed()),
-        })
-    } else {
-        Output::Text(Answer::simulated(&hash))
-    };
-    let output = match (output, max_tokens) {
-        (Output::Text(mut answer), Some(max)) => {
-            answer.limit(max);
-            Output::Text(answer)
-        }
-        (other, _) => other,
-    };
-    let completion_tokens = match &output {
-        Output::Text(answer) => answer.completion_tokens(),
-        Output::ToolCall(call) => tokens::count(&call.name) + tokens::count(&call.arguments),
-    };
+    let output = Output::choose(&tool_list, &tool_choice, user_text, &hash, &tool_results, max_tokens)?;
+    let completion_tokens = output.completion_tokens();
 
     Ok(Prepared {
         model,
@@ -382,21 +401,23 @@ fn message<'a>(i: usize, msg: &'a Value, counter: &mut PromptCounter) -> Result<
     Ok((role, text))
 }
 
-fn optional_bool(v: Option<&Value>, param: &'static str) -> Result<bool, ApiError> {
+/// A boolean parameter; `None` when left out (or `null`).
+pub fn optional_bool(v: Option<&Value>, param: &'static str) -> Result<Option<bool>, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
         Some(other) => Err(ApiError::invalid_type(param, "a boolean", other)),
     }
 }
 
-fn max_tokens(v: Option<&Value>, param: &'static str) -> Result<Option<usize>, ApiError> {
+/// A token budget of at least `min` (1 for chat's, 16 for `max_output_tokens`).
+pub fn max_tokens(v: Option<&Value>, param: &'static str, min: u64) -> Result<Option<usize>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-            (Some(n), _) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+            (Some(n), _) if n >= min => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
             (_, Some(n)) => Err(ApiError::invalid_request(format!(
-                "Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {n} instead."
+                "Invalid '{param}': integer below minimum value. Expected a value >= {min}, but got {n} instead."
             ))
             .param(param)
             .code("integer_below_min_value")),

@@ -9,6 +9,8 @@ mod api;
 mod chat;
 mod embeddings;
 mod faults;
+mod response_events;
+mod responses;
 mod sse;
 mod tokens;
 mod tools;
@@ -167,6 +169,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/openai/v1/models", get(api::models))
         .route("/openai/deployments/{deployment}/chat/completions", post(chat::azure))
         .route("/openai/deployments/{deployment}/embeddings", post(embeddings::azure))
+        .merge(responses::routes("/v1"))
+        .merge(responses::routes("/openai/v1"))
+        .merge(responses::routes("/openai").route_layer(axum::middleware::from_fn(api::api_version_required)))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), api::sim_headers))

@@ -1,6 +1,7 @@
 //! Streamed chat completions: `chat.completion.chunk` events over SSE,
 //! shaped and ordered like OpenAI's.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -177,7 +178,7 @@ fn events(meta: &Meta<'_>, output: &Output, usage: &Usage) -> Events {
 
 /// Splits `s` into fragments of at most [`ARGUMENT_FRAGMENT`] bytes on char
 /// boundaries.
-fn fragments(s: &str) -> impl Iterator<Item = &str> {
+pub fn fragments(s: &str) -> impl Iterator<Item = &str> {
     let mut rest = s;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -205,11 +206,30 @@ pub fn response(
     tally: Option<Pending>,
 ) -> Response {
     let Events { events, pieces } = events(meta, output, usage);
-    // The usage chunk comes just before `[DONE]`.
-    let usage_at = events.len().saturating_sub(2);
-    // Events sent before a dropped connection dies: the role chunk and the
-    // first content chunk.
-    let drop_at = drop.then_some(2);
+    let schedule = Schedule {
+        pieces: 1..=pieces,
+        // The usage chunk comes just before `[DONE]`.
+        usage_at: events.len().saturating_sub(2),
+        drop,
+    };
+    body(events, &schedule, token_delay, tally)
+}
+
+/// When the events of a stream go out.
+pub struct Schedule {
+    /// The events carrying content (or argument fragments): `token_delay` apart, and a dropped
+    /// connection dies right after the first of them.
+    pub pieces: RangeInclusive<usize>,
+    /// The event carrying the usage: `tally` is reported as it is sent.
+    pub usage_at: usize,
+    pub drop: bool,
+}
+
+/// A `text/event-stream` response sending pre-serialized `events` on `schedule`.
+pub fn body(events: Vec<Bytes>, schedule: &Schedule, token_delay: Duration, tally: Option<Pending>) -> Response {
+    let (first, last) = (*schedule.pieces.start(), *schedule.pieces.end());
+    let usage_at = schedule.usage_at;
+    let drop_at = schedule.drop.then_some(first + 1);
     let state = (events.into_iter().enumerate(), false, tally);
     let body = stream::unfold(state, move |(mut iter, failed, mut tally)| async move {
         if failed {
@@ -221,7 +241,7 @@ pub fn response(
             tokio::task::yield_now().await;
             return Some((Err(faults::drop_error()), (iter, true, None)));
         }
-        if i >= 2 && i <= pieces && !token_delay.is_zero() {
+        if i > first && i <= last && !token_delay.is_zero() {
             tokio::time::sleep(token_delay).await;
         }
         if i == usage_at

@@ -5,7 +5,26 @@ use serde_json::{Map, Value};
 use crate::answer::SplitMix;
 use crate::api::ApiError;
 
-/// A `{"type":"function","function":{...}}` entry of `tools`.
+/// Where a request keeps a function tool's `name` and `parameters`.
+#[derive(Clone, Copy)]
+pub enum Shape {
+    /// Chat completions: `{"type":"function","function":{"name":...,"parameters":...}}`.
+    Chat,
+    /// Responses: `{"type":"function","name":...,"parameters":...}`.
+    Responses,
+}
+
+impl Shape {
+    /// The object holding the tool's `name` and `parameters`, and its path for error messages.
+    fn function(self, tool: &Value, i: usize) -> (Option<&Value>, String) {
+        match self {
+            Self::Chat => (tool.get("function"), format!("tools[{i}].function")),
+            Self::Responses => (Some(tool), format!("tools[{i}]")),
+        }
+    }
+}
+
+/// A function entry of `tools`.
 pub struct FunctionTool<'a> {
     pub name: &'a str,
     parameters: Option<&'a Value>,
@@ -16,14 +35,16 @@ pub enum ToolChoice<'a> {
     None,
     /// `"auto"`, `"required"` or absent: the sim always calls a tool.
     Auto,
-    /// `{"type":"function","function":{"name":...}}`.
+    /// `{"type":"function","function":{"name":...}}` (chat) or `{"type":"function","name":...}`
+    /// (Responses).
     Named(&'a str),
 }
 
-pub fn parse_tools(tools: Option<&Value>) -> Result<Vec<FunctionTool<'_>>, ApiError> {
+pub fn parse_tools(tools: Option<&Value>, shape: Shape) -> Result<Vec<FunctionTool<'_>>, ApiError> {
     let list = match tools {
         None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(list)) if list.is_empty() => {
+        // The Responses API takes `[]` for no tools (the Agents SDK sends it); chat refuses it.
+        Some(Value::Array(list)) if list.is_empty() && matches!(shape, Shape::Chat) => {
             return Err(ApiError::invalid_request(
                 "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.",
             )
@@ -35,21 +56,21 @@ pub fn parse_tools(tools: Option<&Value>) -> Result<Vec<FunctionTool<'_>>, ApiEr
     };
     let mut out = Vec::with_capacity(list.len());
     for (i, tool) in list.iter().enumerate() {
-        // Non-function tools (e.g. `custom`) are accepted but never chosen.
+        // Non-function tools (e.g. `custom`, `web_search`) are accepted but never chosen.
         if tool.get("type").and_then(Value::as_str) != Some("function") {
             continue;
         }
-        let name = tool
-            .get("function")
+        let (function, path) = shape.function(tool, i);
+        let name = function
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::missing(format!("tools[{i}].function.name")))?;
-        out.push(FunctionTool { name, parameters: tool.get("function").and_then(|f| f.get("parameters")) });
+            .ok_or_else(|| ApiError::missing(format!("{path}.name")))?;
+        out.push(FunctionTool { name, parameters: function.and_then(|f| f.get("parameters")) });
     }
     Ok(out)
 }
 
-pub fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice<'_>, ApiError> {
+pub fn parse_tool_choice(choice: Option<&Value>, shape: Shape) -> Result<ToolChoice<'_>, ApiError> {
     match choice {
         None | Some(Value::Null) => Ok(ToolChoice::Auto),
         Some(Value::String(s)) => match s.as_str() {
@@ -61,14 +82,26 @@ pub fn parse_tool_choice(choice: Option<&Value>) -> Result<ToolChoice<'_>, ApiEr
             .param("tool_choice")
             .code("invalid_value")),
         },
-        Some(obj @ Value::Object(_)) => obj
-            .get("function")
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str)
-            .map(ToolChoice::Named)
-            .ok_or_else(|| ApiError::missing("tool_choice.function.name")),
+        Some(obj @ Value::Object(_)) => match obj.get("type").and_then(Value::as_str) {
+            None | Some("function") => named(obj, shape),
+            Some("allowed_tools") => Ok(ToolChoice::Auto),
+            // A hosted tool (`{"type":"web_search"}`, ...) is never called: the answer is text.
+            Some(_) => Ok(ToolChoice::None),
+        },
         Some(other) => Err(ApiError::invalid_type("tool_choice", "a string or an object", other)),
     }
+}
+
+fn named(obj: &Value, shape: Shape) -> Result<ToolChoice<'_>, ApiError> {
+    let (function, path) = match shape {
+        Shape::Chat => (obj.get("function"), "tool_choice.function.name"),
+        Shape::Responses => (Some(obj), "tool_choice.name"),
+    };
+    function
+        .and_then(|f| f.get("name"))
+        .and_then(Value::as_str)
+        .map(ToolChoice::Named)
+        .ok_or_else(|| ApiError::missing(path))
 }
 
 /// The named tool, else the first tool mentioned in the user's message, else
@@ -231,7 +264,7 @@ mod tests {
     #[test]
     fn arguments_satisfy_nested_schema() {
         let tools_v = tools_json();
-        let tools = parse_tools(Some(&tools_v)).expect("valid tools");
+        let tools = parse_tools(Some(&tools_v), Shape::Chat).expect("valid tools");
         let user = "What is the weather in Paris";
         let args: Value = serde_json::from_str(&arguments(&tools[0], user, 7)).expect("arguments are JSON");
 
@@ -263,7 +296,7 @@ mod tests {
     #[test]
     fn selection_order() {
         let tools_v = tools_json();
-        let tools = parse_tools(Some(&tools_v)).expect("valid tools");
+        let tools = parse_tools(Some(&tools_v), Shape::Chat).expect("valid tools");
         let auto = ToolChoice::Auto;
         assert_eq!(select(&tools, &auto, "hello").map(|t| t.name).ok(), Some("get_weather"));
         assert_eq!(select(&tools, &auto, "please search_docs now").map(|t| t.name).ok(), Some("search_docs"));
@@ -274,13 +307,43 @@ mod tests {
 
     #[test]
     fn tool_choice_parsing() {
-        assert!(matches!(parse_tool_choice(Some(&json!("none"))), Ok(ToolChoice::None)));
-        assert!(matches!(parse_tool_choice(Some(&json!("required"))), Ok(ToolChoice::Auto)));
+        assert!(matches!(parse_tool_choice(Some(&json!("none")), Shape::Chat), Ok(ToolChoice::None)));
+        assert!(matches!(parse_tool_choice(Some(&json!("required")), Shape::Chat), Ok(ToolChoice::Auto)));
         assert!(matches!(
-            parse_tool_choice(Some(&json!({"type": "function", "function": {"name": "f"}}))),
+            parse_tool_choice(Some(&json!({"type": "function", "function": {"name": "f"}})), Shape::Chat),
             Ok(ToolChoice::Named("f"))
         ));
-        assert!(parse_tool_choice(Some(&json!("sometimes"))).is_err());
-        assert!(parse_tools(Some(&json!([]))).is_err());
+        assert!(parse_tool_choice(Some(&json!("sometimes")), Shape::Chat).is_err());
+        assert!(parse_tools(Some(&json!([])), Shape::Chat).is_err());
+    }
+
+    #[test]
+    fn responses_shape() {
+        let flat = json!([
+            {"type": "web_search"},
+            {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+        ]);
+        let tools = parse_tools(Some(&flat), Shape::Responses).expect("valid tools");
+        assert_eq!(tools.len(), 1, "hosted tools are never chosen");
+        assert_eq!(tools[0].name, "get_weather");
+        let args: Value = serde_json::from_str(&arguments(&tools[0], "in Paris", 1)).expect("arguments are JSON");
+        assert!(args["city"].is_string());
+        let Err(err) = parse_tools(Some(&json!([{"type": "function"}])), Shape::Responses) else {
+            panic!("a function tool without a name is refused");
+        };
+        assert!(format!("{err:?}").contains("Some(\"tools[0].name\")"), "{err:?}");
+        assert!(parse_tools(Some(&json!([])), Shape::Responses).is_ok_and(|t| t.is_empty()));
+        assert!(matches!(
+            parse_tool_choice(Some(&json!({"type": "function", "name": "f"})), Shape::Responses),
+            Ok(ToolChoice::Named("f"))
+        ));
+        assert!(matches!(
+            parse_tool_choice(Some(&json!({"type": "web_search"})), Shape::Responses),
+            Ok(ToolChoice::None)
+        ));
+        assert!(matches!(
+            parse_tool_choice(Some(&json!({"type": "allowed_tools", "mode": "auto", "tools": []})), Shape::Responses),
+            Ok(ToolChoice::Auto)
+        ));
     }
 }

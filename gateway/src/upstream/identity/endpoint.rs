@@ -238,7 +238,7 @@ impl TokenSource for HttpTokenSource {
                 ];
                 let body = form
                     .iter()
-                    .map(|(name, value)| format!("{name}={}", crate::upstream::backend::encode_segment(value)))
+                    .map(|(name, value)| format!("{name}={}", backend_url::encode_segment(value)))
                     .collect::<Vec<_>>()
                     .join("&");
                 let request = self
