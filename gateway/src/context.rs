@@ -51,28 +51,43 @@ pub struct InboundRequest {
     pub body: RequestBody,
 }
 
+/// One request's state. Each field says which phase writes it (see `policy::pipeline` for the
+/// phases); later phases only read it.
 pub struct RequestContext {
+    /// Front door (`server`).
     pub request_id: String,
+    /// Front door.
     pub started: Instant,
+    /// Front door (`client_ip`: trusted proxies and `X-Forwarded-For`).
     pub client_ip: IpAddr,
+    /// Front door: the API whose route matched.
     pub api: Arc<ApiInfo>,
+    /// Front door (`protocol::OPENAI_ROUTES`, or pass-through).
     pub operation: Operation,
+    /// Front door; inbound policies edit its headers; the body phase (`proxy::body`,
+    /// `protocol::parse_payload`) fills in `body`.
     pub request: InboundRequest,
+    /// Inbound: subscription-key auth.
     pub subscription: Option<Arc<Subscription>>,
-    /// Where `set-backend-service` sends the request (else the API's default): a backend or a pool.
+    /// Inbound: where `set-backend-service` sends the request (else the API's default): a backend
+    /// or a pool.
     pub target: Option<Target>,
-    /// The backend the request went to; with failover, the one that answered last.
+    /// Backend phase (`proxy::failover`): the backend the request went to; with failover, the one
+    /// that answered last.
     pub backend: Option<Arc<Backend>>,
+    /// Response phase: from a JSON answer (`policy::pipeline`) or a stream's end (`proxy::relay`).
     pub usage: Option<Usage>,
-    /// Named values policies hand to later policies.
+    /// Inbound and outbound: named values policies hand to later policies.
     pub variables: HashMap<String, String>,
-    /// What limit policies reserved, to be reconciled when the exchange is complete.
+    /// Inbound: what limit policies reserved, to be reconciled when the exchange is complete.
     pub reservations: Vec<Reservation>,
-    /// What the semantic cache lookup decided.
+    /// Inbound: what the semantic cache lookup decided.
     pub cache: Option<CacheState>,
-    /// The backend's answer as a chat completion JSON (a stream's assembled from its chunks), kept
-    /// only when a policy asked for it (`Policy::wants_answer`).
+    /// Response phase: the backend's answer as a chat completion JSON (a stream's assembled from
+    /// its chunks, by `proxy::relay`), kept only when a policy asked for it (`Policy::wants_answer`).
     pub answer: Option<Bytes>,
+    /// Pipeline: status and first byte when the response is handed over, the error (on-error
+    /// phase), and the stream's end (`proxy::relay`). Read by the completed phase.
     pub outcome: Outcome,
 }
 
