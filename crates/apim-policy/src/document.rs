@@ -404,7 +404,15 @@ impl Reader<'_, '_> {
             // The expression may be written with entities (`&quot;`) that hide a quote; reading it
             // as plain XML instead gives the compiler the decoded text.
             Err(_) if has_entities(at, end) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                return self.error(
+                    start,
+                    format!(
+                        "this policy expression does not end where it should: {} at {}; check its brackets and quotes",
+                        e.message, e.position
+                    ),
+                );
+            }
         };
         let after = &at[len..];
         if !after.trim_start().starts_with(end) {
