@@ -642,15 +642,31 @@ impl Evaluator<'_> {
         }
         let s = text(receiver, position, "this method")?;
         let mut args = args.into_iter();
-        let mut argument = |what: &str| text(args.next().unwrap_or(Value::Null), position, what);
+        let mut argument = |what: &str, ignore_case: bool| {
+            let arg = text(args.next().unwrap_or(Value::Null), position, what)?;
+            Ok::<_, Flow>(if ignore_case { (s.to_lowercase(), arg.to_lowercase()) } else { (s.clone(), arg) })
+        };
         Ok(match method {
             Method::ToLower => Value::Str(s.to_lowercase()),
             Method::ToUpper => Value::Str(s.to_uppercase()),
             Method::Trim => Value::Str(s.trim().to_owned()),
-            Method::Contains => Value::Bool(s.contains(&argument("`.Contains`")?)),
-            Method::StartsWith => Value::Bool(s.starts_with(&argument("`.StartsWith`")?)),
-            Method::EndsWith => Value::Bool(s.ends_with(&argument("`.EndsWith`")?)),
-            Method::Equals => Value::Bool(args.next().is_some_and(|other| equal(Value::Str(s), other))),
+            Method::Contains(ignore_case) => {
+                let (s, arg) = argument("`.Contains`", ignore_case)?;
+                Value::Bool(s.contains(&arg))
+            }
+            Method::StartsWith(ignore_case) => {
+                let (s, arg) = argument("`.StartsWith`", ignore_case)?;
+                Value::Bool(s.starts_with(&arg))
+            }
+            Method::EndsWith(ignore_case) => {
+                let (s, arg) = argument("`.EndsWith`", ignore_case)?;
+                Value::Bool(s.ends_with(&arg))
+            }
+            Method::Equals(ignore_case) => match args.next().map(Value::scalar) {
+                Some(Value::Str(other)) if ignore_case => Value::Bool(s.to_lowercase() == other.to_lowercase()),
+                Some(other) => Value::Bool(equal(Value::Str(s), other)),
+                None => Value::Bool(false),
+            },
             Method::Split => {
                 let separators = args.map(|a| text(a, position, "`.Split`")).collect::<Eval<Vec<String>>>()?;
                 Value::Strings(split(&s, &separators))

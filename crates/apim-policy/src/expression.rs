@@ -106,10 +106,11 @@ pub(crate) enum Method {
     ToLower,
     ToUpper,
     Trim,
-    Contains,
-    StartsWith,
-    EndsWith,
-    Equals,
+    /// The comparisons carry whether a `StringComparison.*IgnoreCase` argument was given.
+    Contains(bool),
+    StartsWith(bool),
+    EndsWith(bool),
+    Equals(bool),
     Split,
     /// `JToken.Value<T>(key)`.
     JsonValue(Type),
@@ -346,8 +347,16 @@ impl Locals {
 
 struct Arg {
     name: Option<String>,
-    value: Expr,
+    value: ArgValue,
     position: Position,
+}
+
+enum ArgValue {
+    Expr(Expr),
+    /// `StringComparison.X`, only accepted as the last argument of a string comparison.
+    Comparison {
+        ignore_case: bool,
+    },
 }
 
 struct Call {
@@ -536,6 +545,18 @@ impl<'t> Parser<'t, '_> {
 
     fn declaration_or_assignment(&mut self, out: &mut Vec<Stmt>) -> Result<(), CompileError> {
         let (first, position) = self.ident("a statement")?;
+        match (self.peek_tok(0), self.peek_tok(1)) {
+            (Some(Tok::Punct("[")), Some(Tok::Punct("]"))) => {
+                return refuse(
+                    position,
+                    format!("locals of type `{first}[]` are not supported: arrays cannot be declared"),
+                );
+            }
+            (Some(Tok::Punct("<")), Some(Tok::Ident(_))) => {
+                return refuse(position, format!("locals of generic type `{first}<...>` are not supported"));
+            }
+            _ => {}
+        }
         if let Some(Tok::Ident(_)) = self.peek_tok(0) {
             // `type name = value;`
             let ty = if first == "var" {
@@ -780,7 +801,10 @@ impl<'t> Parser<'t, '_> {
                     }
                     _ => None,
                 };
-                let value = self.expression()?;
+                let value = match self.string_comparison()? {
+                    Some(ignore_case) => ArgValue::Comparison { ignore_case },
+                    None => ArgValue::Expr(self.expression()?),
+                };
                 args.push(Arg { name, value, position });
                 if self.eat_punct(")") {
                     break;
@@ -789,6 +813,30 @@ impl<'t> Parser<'t, '_> {
             }
         }
         Ok(Some(Call { generic, args }))
+    }
+
+    /// `StringComparison.X` as a whole argument: whether it ignores case.
+    fn string_comparison(&mut self) -> Result<Option<bool>, CompileError> {
+        let (Some(Tok::Ident(ty)), Some(Tok::Punct(".")), Some(Tok::Ident(kind)), Some(Tok::Punct(")" | ","))) =
+            (self.peek_tok(0), self.peek_tok(1), self.peek_tok(2), self.peek_tok(3))
+        else {
+            return Ok(None);
+        };
+        if ty != "StringComparison" {
+            return Ok(None);
+        }
+        let ignore_case = match kind.as_str() {
+            "Ordinal" | "InvariantCulture" | "CurrentCulture" => false,
+            "OrdinalIgnoreCase" | "InvariantCultureIgnoreCase" | "CurrentCultureIgnoreCase" => true,
+            _ => {
+                return refuse(
+                    self.tokens[self.next + 2].position,
+                    format!("`StringComparison.{kind}` is not a string comparison"),
+                );
+            }
+        };
+        self.next += 3;
+        Ok(Some(ignore_case))
     }
 
     fn primary(&mut self) -> Result<Chain, CompileError> {
@@ -964,7 +1012,7 @@ fn lower_path(mut path: Vec<String>, op: Op) -> Result<Chain, CompileError> {
             }
             match args.as_slice() {
                 [] => {}
-                [Arg { name, value: Expr::Literal(Value::Bool(_)), .. }]
+                [Arg { name, value: ArgValue::Expr(Expr::Literal(Value::Bool(_))), .. }]
                     if name.as_deref().is_none_or(|n| n == "preserveContent") => {}
                 [arg, ..] => {
                     return refuse(arg.position, "`Body.As<JObject>` takes only `preserveContent: true` or `false`");
@@ -1045,7 +1093,7 @@ fn lower_on_value(receiver: Expr, op: Op) -> Result<Expr, CompileError> {
         }
         Op::Member { name, null_conditional, position, call } => (name, null_conditional, position, call),
     };
-    let Some(Call { generic, args }) = call else {
+    let Some(Call { generic, mut args }) = call else {
         return match name.as_str() {
             "Length" | "Count" => Ok(Expr::Length { receiver, null_conditional, position }),
             _ => refuse(position, format!("`.{name}` is not supported in policy expressions (values have `.Length`)")),
@@ -1057,10 +1105,23 @@ fn lower_on_value(receiver: Expr, op: Op) -> Result<Expr, CompileError> {
         "ToLower" | "ToLowerInvariant" => (Method::ToLower, 0),
         "ToUpper" | "ToUpperInvariant" => (Method::ToUpper, 0),
         "Trim" => (Method::Trim, 0),
-        "Contains" => (Method::Contains, 1),
-        "StartsWith" => (Method::StartsWith, 1),
-        "EndsWith" => (Method::EndsWith, 1),
-        "Equals" => (Method::Equals, 1),
+        "Contains" | "StartsWith" | "EndsWith" | "Equals" => {
+            let ignore_case = match args.last() {
+                Some(Arg { value: ArgValue::Comparison { ignore_case }, name: None, .. }) => {
+                    let ignore_case = *ignore_case;
+                    args.pop();
+                    ignore_case
+                }
+                _ => false,
+            };
+            let method = match name.as_str() {
+                "Contains" => Method::Contains(ignore_case),
+                "StartsWith" => Method::StartsWith(ignore_case),
+                "EndsWith" => Method::EndsWith(ignore_case),
+                _ => Method::Equals(ignore_case),
+            };
+            (method, 1)
+        }
         "Split" => (Method::Split, usize::MAX),
         "Value" => match &generic {
             Some((ty, ty_position)) => match Type::named(ty) {
@@ -1084,12 +1145,7 @@ fn lower_on_value(receiver: Expr, op: Op) -> Result<Expr, CompileError> {
         return refuse(position, "`.Split` needs the separator(s)");
     }
     if arity != usize::MAX && args.len() != arity {
-        let extra = if matches!(method, Method::Contains | Method::StartsWith | Method::EndsWith | Method::Equals) {
-            " (a StringComparison argument is not supported: use .ToLower() on both sides)"
-        } else {
-            ""
-        };
-        return refuse(position, format!("`{what}` takes {arity} argument(s) here, not {}{extra}", args.len()));
+        return refuse(position, format!("`{what}` takes {arity} argument(s) here, not {}", args.len()));
     }
     Ok(Expr::Method { receiver, method, args, null_conditional, position })
 }
@@ -1105,9 +1161,13 @@ fn no_generic(generic: &Option<(String, Position)>, what: &str) -> Result<(), Co
 
 fn unnamed(args: Vec<Arg>, what: &str) -> Result<Vec<Expr>, CompileError> {
     args.into_iter()
-        .map(|a| match a.name {
-            Some(name) => refuse(a.position, format!("the named argument `{name}:` is not supported for `{what}`")),
-            None => Ok(a.value),
+        .map(|a| match (a.name, a.value) {
+            (Some(name), _) => refuse(a.position, format!("the named argument `{name}:` is not supported for `{what}`")),
+            (None, ArgValue::Comparison { .. }) => refuse(
+                a.position,
+                format!("a StringComparison argument is not supported for `{what}`: only the last argument of .Equals, .StartsWith, .EndsWith and .Contains takes one"),
+            ),
+            (None, ArgValue::Expr(value)) => Ok(value),
         })
         .collect()
 }

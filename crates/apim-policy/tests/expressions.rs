@@ -153,6 +153,28 @@ fn string_methods_and_statics() {
     );
     assert_eq!(eval(r#"@(string.IsNullOrWhiteSpace("  ") && string.Empty == "")"#), Value::Bool(true));
     assert_eq!(eval(r#"@("a".Equals("a") && " t ".Trim() == "t")"#), Value::Bool(true));
+    assert_eq!(
+        eval(r#"@("West US".Equals(context.Deployment.Region, StringComparison.OrdinalIgnoreCase))"#),
+        Value::Bool(false)
+    );
+    assert_eq!(
+        eval(r#"@("WEST europe".Equals(context.Deployment.Region, StringComparison.OrdinalIgnoreCase))"#),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        eval(r#"@("WEST europe".Equals(context.Deployment.Region, StringComparison.Ordinal))"#),
+        Value::Bool(false)
+    );
+    assert_eq!(
+        eval(
+            r#"@("GPT-4o".StartsWith("gpt", StringComparison.OrdinalIgnoreCase) && !"GPT".Contains("p", StringComparison.Ordinal))"#
+        ),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        eval(r#"@("a.JSON".EndsWith(".json", StringComparison.InvariantCultureIgnoreCase))"#),
+        Value::Bool(true)
+    );
     assert_eq!(eval(r#"@(true.ToString() + 12.ToString())"#), s("True12"));
     assert_eq!(
         eval(r#"@($"{context.Api.Id}/{1 + 1}:{(context.Response.StatusCode > 400 ? "bad" : "good")} {{}}")"#),
@@ -213,11 +235,14 @@ fn unsupported_constructs_are_refused_with_line_and_column() {
         ("@(Convert.ToInt32(\"1\"))", at(1, 3), "`Convert` is not supported"),
         ("@(context.Request.Body.As<string>())", at(1, 27), "`Body.As<string>` is not supported"),
         ("@(\"a\".Substring(1))", at(1, 7), "`.Substring(...)` is not supported"),
+        ("@(\"a\".Equals(\"A\", StringComparison.Culture))", at(1, 36), "`StringComparison.Culture` is not a string"),
         (
-            "@(\"a\".Equals(\"A\", StringComparison.OrdinalIgnoreCase))",
-            at(1, 19),
-            "`StringComparison` is not supported",
+            "@(string.Format(\"{0}\", StringComparison.Ordinal))",
+            at(1, 24),
+            "a StringComparison argument is not supported",
         ),
+        ("@{\n  string[] documents = null;\n  return 1;\n}", at(2, 3), "locals of type `string[]` are not supported"),
+        ("@{\n  List<int> l = null;\n  return 1;\n}", at(2, 3), "locals of generic type `List<...>`"),
         ("@($\"{1:D2}\")", at(1, 6), "format and alignment in interpolation holes (`:D2`) are not supported"),
         ("@(context.Variables[\"a\"] is string)", at(1, 26), "`is` is not supported"),
         ("@(x => x)", at(1, 3), "lambdas (`=>`) are not supported"),
@@ -231,7 +256,7 @@ fn unsupported_constructs_are_refused_with_line_and_column() {
         ("@(context.Request)", at(1, 11), "`context.Request` is not a value"),
         ("@(1 2)", at(1, 5), "`2` is not supported here"),
         ("@(a ++ b)", at(1, 3), "`a` is not supported"),
-        ("@(\"a\".Contains(\"b\", \"c\"))", at(1, 7), "a StringComparison argument is not supported"),
+        ("@(\"a\".Contains(\"b\", \"c\"))", at(1, 7), "`.Contains` takes 1 argument(s) here, not 2"),
     ];
     for (src, position, message) in cases {
         let e = refused(src);
