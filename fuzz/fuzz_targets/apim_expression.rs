@@ -8,9 +8,6 @@ use std::sync::Arc;
 use apim_policy::{Position, RequestSnapshot, Value, compile};
 use libfuzzer_sys::fuzz_target;
 
-/// Never compared with anything, so the fuzzer cannot learn it from comparisons.
-const KEY: &str = "k-7f3a9c1e55d04b2a";
-
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let Ok(text) = std::str::from_utf8(rest) else { return };
@@ -20,10 +17,23 @@ fuzz_target!(|data: &[u8]| {
         _ => text.to_owned(),
     };
     let Ok(program) = compile(&src, Position::START) else { return };
-    let context = RequestSnapshot {
+    // The same request with two different keys gives the same result: no expression reads a key.
+    // Compared as text, because NaN is not equal to itself.
+    let with_key_a = format!("{:?}", program.evaluate(&request(mode, "key-a")));
+    let with_key_b = format!("{:?}", program.evaluate(&request(mode, "key-b")));
+    assert_eq!(with_key_a, with_key_b, "an expression read a key header or parameter: {src}");
+});
+
+fn request(mode: u8, key: &str) -> RequestSnapshot {
+    RequestSnapshot {
         subscription: (mode & 4 == 0).then(|| ("sub".to_string(), "name".to_string())),
-        headers: vec![("x".into(), "1,2".into()), ("api-key".into(), KEY.into()), ("Authorization".into(), KEY.into())],
-        query: vec![("q".into(), "v".into())],
+        headers: vec![
+            ("x".into(), "1,2".into()),
+            ("api-key".into(), key.into()),
+            ("Authorization".into(), key.into()),
+            ("Ocp-Apim-Subscription-Key".into(), key.into()),
+        ],
+        query: vec![("q".into(), "v".into()), ("subscription-key".into(), key.into())],
         variables: HashMap::from([
             ("s".to_string(), Value::Str("text".into())),
             ("n".to_string(), Value::Int(-3)),
@@ -32,9 +42,5 @@ fuzz_target!(|data: &[u8]| {
         response_status: (mode & 8 == 0).then_some(429),
         body: Some(Arc::new(serde_json::json!({"messages": [{"content": "hi"}], "n": 1.5}))),
         ..RequestSnapshot::default()
-    };
-    if let Ok(value) = program.evaluate(&context) {
-        // Reading a key header must never give its value back.
-        assert!(!value.to_string().contains(KEY), "an expression read the api-key header: {src}");
     }
-});
+}
