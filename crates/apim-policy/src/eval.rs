@@ -58,6 +58,40 @@ pub trait RequestContext {
     fn request_body_json(&self) -> Option<Arc<serde_json::Value>>;
 }
 
+/// The parts of a request that `GetValueOrDefault(name, default)` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestPart {
+    Header,
+    Query,
+}
+
+impl RequestPart {
+    pub(crate) fn is_secret(self, name: &str) -> bool {
+        match self {
+            RequestPart::Header => is_secret_header(name),
+            RequestPart::Query => is_secret_query_parameter(name),
+        }
+    }
+
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            RequestPart::Header => "header",
+            RequestPart::Query => "query parameter",
+        }
+    }
+
+    /// The value, or `None` when it is absent or secret: a secret reads as absent.
+    fn read(self, context: &dyn RequestContext, name: &str) -> Option<String> {
+        if self.is_secret(name) {
+            return None;
+        }
+        match self {
+            RequestPart::Header => context.request_header(name),
+            RequestPart::Query => context.query_parameter(name),
+        }
+    }
+}
+
 /// `context` members that are plain text and never null.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContextField {
@@ -471,16 +505,9 @@ impl Evaluator<'_> {
                     );
                 }
             },
-            Expr::Header { name, default, position } => {
-                let name = text(self.expr(name)?, *position, "a header name")?;
-                match Some(&name).filter(|n| !is_secret_header(n)).and_then(|n| context.request_header(n)) {
-                    Some(v) => Value::Str(v),
-                    None => self.optional(default)?,
-                }
-            }
-            Expr::Query { name, default, position } => {
-                let name = text(self.expr(name)?, *position, "a query parameter name")?;
-                match Some(&name).filter(|n| !is_secret_query_parameter(n)).and_then(|n| context.query_parameter(n)) {
+            Expr::Lookup { part, name, default, position } => {
+                let name = text(self.expr(name)?, *position, &format!("a {} name", part.noun()))?;
+                match part.read(context, &name) {
                     Some(v) => Value::Str(v),
                     None => self.optional(default)?,
                 }

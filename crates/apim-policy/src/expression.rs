@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::Position;
-use crate::eval::{ContextField, Value};
+use crate::eval::{ContextField, RequestPart, Value};
 use crate::lexer::{LexError, Part, Tok, Token, expression_length, tokenize};
 
 /// Brackets, unary operators and statements nest at most this deep.
@@ -139,12 +139,9 @@ pub(crate) enum Expr {
         null_conditional: bool,
         position: Position,
     },
-    Header {
-        name: Box<Expr>,
-        default: Option<Box<Expr>>,
-        position: Position,
-    },
-    Query {
+    /// `GetValueOrDefault(name, default)` on the request's headers or query.
+    Lookup {
+        part: RequestPart,
         name: Box<Expr>,
         default: Option<Box<Expr>>,
         position: Position,
@@ -231,9 +228,7 @@ impl Expr {
             Expr::Interpolated(segments) => {
                 segments.iter().filter_map(|s| if let Segment::Expr(e) = s { Some(e) } else { None }).collect()
             }
-            Expr::Header { name, default, .. }
-            | Expr::Query { name, default, .. }
-            | Expr::VariableOrDefault { name, default, .. } => {
+            Expr::Lookup { name, default, .. } | Expr::VariableOrDefault { name, default, .. } => {
                 std::iter::once(&**name).chain(default.as_deref()).collect()
             }
             Expr::Variable { name: e, .. }
@@ -1021,24 +1016,10 @@ fn lower_path(mut path: Vec<String>, op: Op) -> Result<Chain, CompileError> {
             Expr::Body
         }
         ["context", "Request", "Headers", "GetValueOrDefault"] => {
-            no_generic(&generic, &what)?;
-            let (name, default) = name_and_default(args, &what, position)?;
-            if let Expr::Literal(Value::Str(header)) = &name
-                && crate::eval::is_secret_header(header)
-            {
-                return secret_refusal(position, &format!("the `{header}` header"));
-            }
-            Expr::Header { name: Box::new(name), default, position }
+            lookup(RequestPart::Header, generic, args, &what, position)?
         }
         ["context", "Request", "Url", "Query", "GetValueOrDefault"] => {
-            no_generic(&generic, &what)?;
-            let (name, default) = name_and_default(args, &what, position)?;
-            if let Expr::Literal(Value::Str(parameter)) = &name
-                && crate::eval::is_secret_query_parameter(parameter)
-            {
-                return secret_refusal(position, &format!("the `{parameter}` query parameter"));
-            }
-            Expr::Query { name: Box::new(name), default, position }
+            lookup(RequestPart::Query, generic, args, &what, position)?
         }
         ["context", "Variables", "GetValueOrDefault"] => {
             let ty = match &generic {
@@ -1148,6 +1129,24 @@ fn lower_on_value(receiver: Expr, op: Op) -> Result<Expr, CompileError> {
         return refuse(position, format!("`{what}` takes {arity} argument(s) here, not {}", args.len()));
     }
     Ok(Expr::Method { receiver, method, args, null_conditional, position })
+}
+
+/// `context.Request.Headers.GetValueOrDefault(...)` or its query twin; a literal key name is refused.
+fn lookup(
+    part: RequestPart,
+    generic: Option<(String, Position)>,
+    args: Vec<Arg>,
+    what: &str,
+    position: Position,
+) -> Result<Expr, CompileError> {
+    no_generic(&generic, what)?;
+    let (name, default) = name_and_default(args, what, position)?;
+    if let Expr::Literal(Value::Str(key)) = &name
+        && part.is_secret(key)
+    {
+        return secret_refusal(position, &format!("the `{key}` {}", part.noun()));
+    }
+    Ok(Expr::Lookup { part, name: Box::new(name), default, position })
 }
 
 fn no_generic(generic: &Option<(String, Position)>, what: &str) -> Result<(), CompileError> {
