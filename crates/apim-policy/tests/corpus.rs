@@ -152,3 +152,48 @@ fn every_corpus_file_loads_or_is_refused_clearly() {
     println!("{report}");
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
+
+/// The reference sample's expressions give what its gateway needs, per request.
+#[test]
+fn the_reference_policy_evaluates_per_request() {
+    let src = include_str!("../../../policies/apim/reference-aoai-policy.xml");
+    let empty = HashMap::new();
+    let sources = Sources { named_values: &empty, placeholders: &empty, fragments: &NoFragments };
+    let document = Document::read(src, &sources).expect("the reference policy reads");
+    let compiled: Vec<(String, apim_policy::Program)> = document
+        .root
+        .values()
+        .into_iter()
+        .filter_map(|(element, value, position)| {
+            let program = compile_value(value, position).expect("every reference expression compiles")?;
+            Some((element.name.clone(), program))
+        })
+        .collect();
+    let evaluate_all = |request: &RequestSnapshot| -> Vec<(String, String)> {
+        compiled
+            .iter()
+            .map(|(element, p)| (element.clone(), p.evaluate(request).expect("evaluates").to_string()))
+            .collect()
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter().map(|(e, v)| (e.to_string(), v.to_string())).collect()
+    };
+    let mut request = snapshot();
+    request.variables.insert("aoai-token".into(), Value::Str("eyJ0eXAi".into()));
+    assert_eq!(
+        evaluate_all(&request),
+        pairs(&[
+            ("value", "Bearer eyJ0eXAi"),
+            ("azure-openai-token-limit", "sub-1"),
+            ("vary-by", "sub-1"),
+            ("dimension", "sub-1"),
+            ("dimension", "openai"),
+            ("dimension", "chat"),
+            ("dimension", "127.0.0.1"),
+        ])
+    );
+    request.subscription = None;
+    let anonymous = evaluate_all(&request);
+    assert_eq!(anonymous[1], ("azure-openai-token-limit".to_string(), "anonymous".to_string()));
+    assert_eq!(anonymous[2], ("vary-by".to_string(), "anonymous".to_string()));
+}
