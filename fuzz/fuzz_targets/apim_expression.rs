@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use apim_policy::{Position, RequestSnapshot, Value, compile};
+use apim_policy::{JsonToken, Position, RequestSnapshot, Value, compile};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -37,7 +37,10 @@ fn request(mode: u8, key: &str) -> RequestSnapshot {
         variables: HashMap::from([
             ("s".to_string(), Value::Str("text".into())),
             ("n".to_string(), Value::Int(-3)),
-            ("j".to_string(), Value::Json(Arc::new(serde_json::json!({"a": [1, "b", null], "c": {"d": true}})))),
+            (
+                "j".to_string(),
+                Value::Json(JsonToken::new(Arc::new(serde_json::json!({"a": [1, "b", null], "c": {"d": true}})))),
+            ),
         ]),
         response_status: (mode & 8 == 0).then_some(429),
         body: Some(Arc::new(serde_json::json!({"messages": [{"content": "hi"}], "n": 1.5}))),

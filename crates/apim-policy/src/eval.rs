@@ -114,7 +114,51 @@ pub enum Value {
     /// A `string[]` from `.Split`.
     Strings(Vec<String>),
     /// A JSON token (`JObject`, `JArray`, `JValue`) from the request body.
-    Json(Arc<serde_json::Value>),
+    Json(JsonToken),
+}
+
+/// A JSON token inside a shared document, kept as the document and the path to the token, so
+/// that `body["messages"][0]` on a large request body copies nothing.
+#[derive(Debug, Clone)]
+pub struct JsonToken {
+    root: Arc<serde_json::Value>,
+    path: Vec<JsonKey>,
+}
+
+#[derive(Debug, Clone)]
+enum JsonKey {
+    Name(String),
+    Index(usize),
+}
+
+impl JsonToken {
+    pub fn new(root: Arc<serde_json::Value>) -> Self {
+        JsonToken { root, path: Vec::new() }
+    }
+
+    /// The child at `key`; only called for a child that exists.
+    fn child(&self, key: JsonKey) -> JsonToken {
+        let mut path = self.path.clone();
+        path.push(key);
+        JsonToken { root: Arc::clone(&self.root), path }
+    }
+}
+
+impl std::ops::Deref for JsonToken {
+    type Target = serde_json::Value;
+
+    fn deref(&self) -> &serde_json::Value {
+        self.path.iter().fold(&*self.root, |value, key| match key {
+            JsonKey::Name(name) => &value[name.as_str()],
+            JsonKey::Index(i) => &value[*i],
+        })
+    }
+}
+
+impl PartialEq for JsonToken {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
 }
 
 impl Value {
@@ -537,7 +581,7 @@ impl Evaluator<'_> {
                 let name = text(self.expr(name)?, *position, "a variable name")?;
                 Value::Bool(context.variable(&name).is_some())
             }
-            Expr::Body => context.request_body_json().map_or(Value::Null, Value::Json),
+            Expr::Body => context.request_body_json().map_or(Value::Null, |body| Value::Json(JsonToken::new(body))),
             Expr::Not(e, position) => Value::Bool(!boolean(self.expr(e)?, *position, "`!`")?),
             Expr::Negate(e, position) => match self.expr(e)?.scalar() {
                 Value::Int(n) => Value::Int(n.wrapping_neg()),
@@ -630,12 +674,13 @@ impl Evaluator<'_> {
             (Value::Null, _) => return null_receiver(null_conditional, position, "indexing"),
             (Value::Json(json), Value::Str(key)) => match json.as_object() {
                 // JObject's indexer: a missing property is null.
-                Some(object) => object.get(key).map_or(Value::Null, |v| Value::Json(Arc::new(v.clone()))),
+                Some(object) if object.contains_key(key) => Value::Json(json.child(JsonKey::Name(key.clone()))),
+                Some(_) => Value::Null,
                 None => return fail(position, "only a JSON object can be indexed by name"),
             },
             (Value::Json(json), Value::Int(i)) => match json.as_array() {
-                Some(array) => match usize::try_from(*i).ok().and_then(|i| array.get(i)) {
-                    Some(v) => Value::Json(Arc::new(v.clone())),
+                Some(array) => match usize::try_from(*i).ok().filter(|i| *i < array.len()) {
+                    Some(i) => Value::Json(json.child(JsonKey::Index(i))),
                     None => return out_of_range(array.len()),
                 },
                 None => return fail(position, "only a JSON array can be indexed by number"),
@@ -661,7 +706,7 @@ impl Evaluator<'_> {
             };
             return match object.get(&key) {
                 None | Some(serde_json::Value::Null) => Ok(Value::default_of(ty)),
-                Some(v) => cast(ty, Value::Json(Arc::new(v.clone())), position),
+                Some(_) => cast(ty, Value::Json(json.child(JsonKey::Name(key))), position),
             };
         }
         if method == Method::ToString {

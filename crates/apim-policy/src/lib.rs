@@ -49,5 +49,5 @@ impl fmt::Display for Position {
 }
 
 pub use document::{Attribute, Document, Element, FragmentLoader, Node, ReadError, Sources, Text};
-pub use eval::{EvalError, RequestContext, RequestSnapshot, Value};
+pub use eval::{EvalError, JsonToken, RequestContext, RequestSnapshot, Value};
 pub use expression::{CompileError, Program, compile, compile_value};

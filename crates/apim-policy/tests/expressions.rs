@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use apim_policy::{CompileError, EvalError, Position, Program, RequestSnapshot, Value, compile, compile_value};
+use apim_policy::{
+    CompileError, EvalError, JsonToken, Position, Program, RequestSnapshot, Value, compile, compile_value,
+};
 
 fn at(line: u32, column: u32) -> Position {
     Position { line, column }
@@ -111,6 +113,19 @@ fn the_request_body_as_json() {
         eval(r#"@(context.Request.Body.As<JObject>(true)["model"].ToString().StartsWith("gpt-4"))"#),
         Value::Bool(true)
     );
+    // A JSON token kept in a variable (as set-variable stores `Body.As<JObject>()`) indexes the same way.
+    let mut with_json = request();
+    let body = with_json.body.clone().map(JsonToken::new).map(Value::Json).expect("a body");
+    with_json.variables.insert("body".into(), body);
+    assert_eq!(
+        eval_in(
+            r#"@(context.Variables["body"]["messages"][0].Value<string>("role") + context.Variables["body"]["max_tokens"])"#,
+            &with_json
+        ),
+        Ok(s("system100"))
+    );
+    let e = eval_in(r#"@(context.Variables["body"]["messages"][2])"#, &with_json).expect_err("out of range");
+    assert!(e.message.contains("outside the 2 items"), "{e}");
     let no_body = RequestSnapshot { body: None, ..request() };
     assert_eq!(
         eval_in(r#"@(context.Request.Body?.As<JObject>()?["model"]?.ToString() ?? "none")"#, &no_body),
