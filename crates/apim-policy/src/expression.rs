@@ -3,9 +3,18 @@
 //! `@(expression)` and `@{ statements }` blocks with locals (`var`, typed declarations),
 //! assignment, `if`/`else` and `return`. Expressions: literals, `$"..."` interpolation, `?.`,
 //! `??`, `?:`, `==` `!=` `<` `>` `<=` `>=`, `&&` `||` `!`, `+ - * / %`, casts `(string)`,
-//! `(int)`, `(long)`, `(bool)`, `(double)`; the `context` members listed in [`crate::eval`]; on
-//! values `.ToString()`, `.ToLower()`, `.ToUpper()`, `.Trim()`, `.Contains`, `.StartsWith`,
-//! `.EndsWith`, `.Equals`, `.Split`, `.Length`, indexing (`json["messages"]`, `parts[0]`) and
+//! `(int)`, `(long)`, `(bool)`, `(double)`.
+//!
+//! `context`: `Subscription.Id`/`.Name`, `Api.Id`/`.Name`, `Operation.Id`/`.Name`,
+//! `Request.IpAddress`, `Request.Headers.GetValueOrDefault(name[, default])`,
+//! `Request.Url.Query.GetValueOrDefault(name[, default])`, `Request.Body.As<JObject>([preserveContent: bool])`,
+//! `Variables["x"]`, `Variables.GetValueOrDefault[<T>](name[, default])`, `Variables.ContainsKey`,
+//! `Response.StatusCode`, `Deployment.Region`. Never `Subscription.Key`/`.PrimaryKey`/`.SecondaryKey`,
+//! nor a key header or query parameter by a literal name (see [`crate::eval::is_secret_header`]).
+//!
+//! On values `.ToString()`, `.ToLower()`, `.ToUpper()`, `.Trim()`, `.Contains`, `.StartsWith`,
+//! `.EndsWith`, `.Equals` (the four comparisons with an optional last `StringComparison.*`
+//! argument), `.Split`, `.Length`, indexing (`json["messages"]`, `parts[0]`) and
 //! `.Value<T>(key)` on JSON; `int.Parse`, `string.Format`, `string.IsNullOrEmpty`,
 //! `string.IsNullOrWhiteSpace`, `string.Empty`.
 //!
