@@ -32,6 +32,8 @@ fn request(mode: u8, key: &str) -> RequestSnapshot {
             ("api-key".into(), key.into()),
             ("Authorization".into(), key.into()),
             ("Ocp-Apim-Subscription-Key".into(), key.into()),
+            ("x-api-key".into(), key.into()),
+            ("Cookie".into(), key.into()),
         ],
         query: vec![("q".into(), "v".into()), ("subscription-key".into(), key.into())],
         variables: HashMap::from([

@@ -12,9 +12,11 @@ use std::sync::Arc;
 use crate::Position;
 use crate::expression::{BinaryOp, Body, Expr, Method, Program, Segment, Stmt, Type};
 
-/// Headers that carry subscription keys or backend credentials. Expressions never see them:
-/// a literal name is refused at compile time, a computed one reads as absent.
-const SECRET_HEADERS: &[&str] = &["Ocp-Apim-Subscription-Key", "api-key", "Authorization", "Proxy-Authorization"];
+/// Headers that carry subscription keys, backend credentials or sessions (the same set the
+/// gateway's templates refuse). Expressions never see them: a literal name is refused at compile
+/// time, a computed one reads as absent.
+const SECRET_HEADERS: &[&str] =
+    &["Ocp-Apim-Subscription-Key", "api-key", "x-api-key", "Authorization", "Proxy-Authorization", "Cookie"];
 /// Query parameters that carry subscription keys, treated like [`SECRET_HEADERS`].
 const SECRET_QUERY_PARAMETERS: &[&str] = &["subscription-key", "api-key"];
 

@@ -313,7 +313,15 @@ fn runtime_errors_carry_their_position() {
 /// Subscription keys and backend secrets are out of reach, however the expression is written.
 #[test]
 fn expressions_cannot_read_keys() {
-    for header in ["Ocp-Apim-Subscription-Key", "ocp-apim-subscription-key", "api-key", "API-KEY", "Authorization"] {
+    for header in [
+        "Ocp-Apim-Subscription-Key",
+        "ocp-apim-subscription-key",
+        "api-key",
+        "API-KEY",
+        "x-api-key",
+        "Authorization",
+        "Cookie",
+    ] {
         let e = refused(&format!("@(context.Request.Headers.GetValueOrDefault(\"{header}\", \"\"))"));
         assert!(e.message.contains(&format!("cannot read the `{header}` header")), "{e}");
     }
