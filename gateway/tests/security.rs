@@ -27,10 +27,13 @@ enum Answer {
     Garbage,
 }
 
-/// A backend on a raw socket that records every request it gets: target and `api-key` header.
+/// A request as the raw backend saw it: its target and its `api-key` header.
+type Seen = (String, Option<String>);
+
+/// A backend on a raw socket that records every request it gets.
 struct RawBackend {
     url: String,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl RawBackend {
@@ -69,7 +72,7 @@ impl RawBackend {
         Self { url, seen }
     }
 
-    fn seen(&self) -> Vec<(String, Option<String>)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen").clone()
     }
 }
