@@ -487,7 +487,7 @@ pub struct TokenLimitConfig {
     #[serde(default)]
     pub tokens_consumed_header: Option<String>,
     #[serde(default)]
-    pub on_store_failure: crate::limits::OnStoreFailure,
+    pub on_store_failure: OnStoreFailure,
 }
 
 fn default_completion_tokens() -> u64 {
@@ -504,6 +504,17 @@ pub enum QuotaPeriod {
     Yearly,
 }
 
+/// What to do when the shared store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreFailure {
+    /// Keep enforcing limits with this instance's own counters until the store is back.
+    #[default]
+    FailOpen,
+    /// Refuse requests (503) until the store is back.
+    FailClosed,
+}
+
 /// API Management's rate-limit-by-key (sliding window, 429) and quota-by-key (fixed periods, 403).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -516,7 +527,7 @@ pub struct CallLimitConfig {
     #[serde(default)]
     pub remaining_calls_header: Option<String>,
     #[serde(default)]
-    pub on_store_failure: crate::limits::OnStoreFailure,
+    pub on_store_failure: OnStoreFailure,
 }
 
 /// API Management's llm-semantic-cache-lookup: answer from the cache when an earlier prompt of

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
+use crate::config::OnStoreFailure;
 use crate::infra::clock::Clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,17 +173,6 @@ pub struct StoreStats {
     pub failures: AtomicU64,
     pub fallback_decisions: AtomicU64,
     pub refused_unavailable: AtomicU64,
-}
-
-/// What to do when the shared store cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnStoreFailure {
-    /// Keep enforcing limits with this instance's own counters until the store is back.
-    #[default]
-    FailOpen,
-    /// Refuse requests (503) until the store is back.
-    FailClosed,
 }
 
 /// Which store a reservation went to, so its reconcile goes to the same one.

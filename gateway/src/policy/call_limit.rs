@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Flow, Policy, template::Template};
-use crate::config::CallLimitConfig;
+use crate::config::{CallLimitConfig, OnStoreFailure};
 use crate::context::{RequestContext, Reservation};
 use crate::error::GatewayError;
-use crate::limits::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
+use crate::limits::{Admission, Counters, Limit, Period, Window};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallLimitKind {

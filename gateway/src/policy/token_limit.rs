@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Flow, Policy, template::Template};
-use crate::config::{QuotaPeriod, TokenLimitConfig};
+use crate::config::{OnStoreFailure, QuotaPeriod, TokenLimitConfig};
 use crate::context::{Payload, RequestContext, Reservation};
 use crate::error::GatewayError;
-use crate::limits::{Admission, Counters, Limit, OnStoreFailure, Period, Window};
+use crate::limits::{Admission, Counters, Limit, Period, Window};
 use crate::protocol::tokens::TokenEstimator;
 
 pub struct TokenLimit {

@@ -7,7 +7,7 @@ use crate::context::{Payload, RequestBody, RequestContext};
 use crate::error::GatewayError;
 use crate::protocol::Route;
 use crate::upstream::backend::Backend;
-use crate::upstream::circuit::Outcome;
+use crate::upstream::circuit::Attempt;
 use crate::upstream::pool::Target;
 
 /// Sends the request to the target's backends until one answers with something other than 429,
@@ -31,7 +31,7 @@ pub async fn send_with_failover(
         let sent = backend.send(ctx, body).await;
         let failed = match &sent {
             Ok(response) => {
-                permit.record(&Outcome::Response(response.status(), response.headers()));
+                permit.record(&Attempt::Response(response.status(), response.headers()));
                 let status = response.status();
                 (status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()).then(|| status.to_string())
             }
@@ -40,7 +40,7 @@ pub async fn send_with_failover(
                 | GatewayError::BackendUnavailable { .. }
                 | GatewayError::BackendInvalidResponse { .. }),
             ) => {
-                permit.record(&Outcome::TransportError);
+                permit.record(&Attempt::TransportError);
                 Some(error.code().to_owned())
             }
             // Not the backend's doing (the permit is dropped unreported).

@@ -76,8 +76,8 @@ enum State {
     },
 }
 
-/// What one exchange with the backend came to.
-pub enum Outcome<'a> {
+/// What one attempt at the backend came to (the request's own outcome is `context::Outcome`).
+pub enum Attempt<'a> {
     /// The backend answered with this status and these headers.
     Response(http::StatusCode, &'a HeaderMap),
     /// No answer: the connection failed or the backend timed out.
@@ -179,17 +179,17 @@ impl CircuitBreaker {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn is_failure(&self, outcome: &Outcome<'_>) -> bool {
-        match outcome {
-            Outcome::TransportError => true,
-            Outcome::Response(status, _) => {
+    fn is_failure(&self, attempt: &Attempt<'_>) -> bool {
+        match attempt {
+            Attempt::TransportError => true,
+            Attempt::Response(status, _) => {
                 let code = status.as_u16();
                 self.failure_statuses.iter().any(|(low, high)| (*low..=*high).contains(&code))
             }
         }
     }
 
-    fn record(&self, probe: bool, outcome: &Outcome<'_>) {
+    fn record(&self, probe: bool, outcome: &Attempt<'_>) {
         let failed = self.is_failure(outcome);
         if failed {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -218,9 +218,9 @@ impl CircuitBreaker {
         }
     }
 
-    fn trip(&self, state: &mut State, rule: &TripRule, now: u64, outcome: &Outcome<'_>) {
+    fn trip(&self, state: &mut State, rule: &TripRule, now: u64, outcome: &Attempt<'_>) {
         let told = match outcome {
-            Outcome::Response(_, headers) if rule.accept_retry_after => retry_after_ms(headers, now),
+            Attempt::Response(_, headers) if rule.accept_retry_after => retry_after_ms(headers, now),
             _ => None,
         };
         let trip_ms = told.map_or(rule.trip_ms, |ms| ms.min(rule.max_trip_ms));
@@ -254,7 +254,7 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    pub fn record(mut self, outcome: &Outcome<'_>) {
+    pub fn record(mut self, outcome: &Attempt<'_>) {
         self.breaker.record(self.probe, outcome);
         // Reported: nothing for Drop to release.
         self.probe = false;
@@ -305,7 +305,7 @@ mod tests {
     fn status(breaker: &CircuitBreaker, code: u16) {
         let headers = HeaderMap::new();
         let status = StatusCode::from_u16(code).expect("status");
-        breaker.try_acquire().expect("available").record(&Outcome::Response(status, &headers));
+        breaker.try_acquire().expect("available").record(&Attempt::Response(status, &headers));
     }
 
     fn retry_after(name: &'static str, value: &str) -> HeaderMap {
@@ -322,7 +322,7 @@ mod tests {
         status(&breaker, 400);
         status(&breaker, 503);
         assert_eq!(breaker.health().state, CircuitState::Closed, "two failures: still closed");
-        breaker.try_acquire().expect("closed").record(&Outcome::TransportError);
+        breaker.try_acquire().expect("closed").record(&Attempt::TransportError);
         let health = breaker.health();
         assert_eq!(health.state, CircuitState::Open);
         assert_eq!((health.failures, health.trips, health.retry_in_ms), (3, 1, Some(30_000)));
@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(breaker.health().state, CircuitState::HalfOpen);
         let probe = breaker.try_acquire().expect("the probe");
         assert!(breaker.try_acquire().is_none(), "one probe at a time");
-        probe.record(&Outcome::Response(StatusCode::OK, &HeaderMap::new()));
+        probe.record(&Attempt::Response(StatusCode::OK, &HeaderMap::new()));
         assert_eq!(breaker.health().state, CircuitState::Closed, "failback");
         assert!(breaker.try_acquire().is_some());
     }
@@ -355,11 +355,11 @@ mod tests {
     #[test]
     fn a_failed_probe_trips_again_and_an_abandoned_probe_frees_the_slot() {
         let (breaker, clock) = breaker(Some(&CircuitBreakerConfig { failure_count: 1, ..config() }));
-        breaker.try_acquire().expect("closed").record(&Outcome::TransportError);
+        breaker.try_acquire().expect("closed").record(&Attempt::TransportError);
         clock.advance(30_000);
         drop(breaker.try_acquire().expect("probe"));
         assert_eq!(breaker.health().state, CircuitState::HalfOpen);
-        breaker.try_acquire().expect("the slot is free again").record(&Outcome::TransportError);
+        breaker.try_acquire().expect("the slot is free again").record(&Attempt::TransportError);
         let health = breaker.health();
         assert_eq!((health.state, health.trips, health.retry_in_ms), (CircuitState::Open, 2, Some(30_000)));
     }
@@ -368,17 +368,17 @@ mod tests {
     fn retry_after_sets_the_trip_duration_capped_by_max_trip() {
         let (breaker, clock) = breaker(Some(&CircuitBreakerConfig { failure_count: 1, ..config() }));
         let headers = retry_after("retry-after", "2");
-        breaker.try_acquire().expect("closed").record(&Outcome::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
+        breaker.try_acquire().expect("closed").record(&Attempt::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
         assert_eq!(breaker.health().retry_in_ms, Some(2_000));
         clock.advance(2_000);
         let headers = retry_after("retry-after", "86400");
-        breaker.try_acquire().expect("probe").record(&Outcome::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
+        breaker.try_acquire().expect("probe").record(&Attempt::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
         assert_eq!(breaker.health().retry_in_ms, Some(120_000), "capped by max-trip-secs");
 
         let ignoring = CircuitBreakerConfig { failure_count: 1, accept_retry_after: false, ..config() };
         let (breaker, _) = self::breaker(Some(&ignoring));
         let headers = retry_after("retry-after", "2");
-        breaker.try_acquire().expect("closed").record(&Outcome::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
+        breaker.try_acquire().expect("closed").record(&Attempt::Response(StatusCode::TOO_MANY_REQUESTS, &headers));
         assert_eq!(breaker.health().retry_in_ms, Some(30_000), "trip-secs when Retry-After is not accepted");
     }
 

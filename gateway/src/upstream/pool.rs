@@ -231,7 +231,7 @@ pub fn readiness(targets: &BTreeMap<String, Target>) -> Readiness<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::upstream::circuit::Outcome;
+    use crate::upstream::circuit::Attempt;
 
     /// A pool over east (priority 1, weight 1), west (priority 1, weight 3) and spare (priority 2),
     /// each tripping for a minute on its first failure.
@@ -263,7 +263,7 @@ mod tests {
     /// The backend the next request's first attempt goes to (reported as a success).
     fn first_pick(pool: &Target) -> String {
         let (backend, permit) = pool.next(&mut Vec::new()).expect("a backend");
-        permit.record(&Outcome::Response(http::StatusCode::OK, &http::HeaderMap::new()));
+        permit.record(&Attempt::Response(http::StatusCode::OK, &http::HeaderMap::new()));
         backend.id.clone()
     }
 
@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(order[2], "spare", "the lower group only after the whole first group: {order:?}");
 
         let trip = |id: &str| {
-            backends[id].circuit.try_acquire().expect("closed").record(&Outcome::TransportError);
+            backends[id].circuit.try_acquire().expect("closed").record(&Attempt::TransportError);
         };
         trip("west");
         assert!((0..5).all(|_| first_pick(&pool) == "east"));
