@@ -320,7 +320,7 @@ impl Pipeline {
             return Ok((Response::from_parts(head, body), Some(relay)));
         }
 
-        let bytes = upstream.bytes().await.map_err(|e| backend.error(&e))?;
+        let bytes = read_answer(upstream, &backend).await?;
         if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
             ctx.usage = usage_of_response(&bytes);
             if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
@@ -415,6 +415,42 @@ fn backend_body(ctx: &RequestContext, backend: &Backend) -> bytes::Bytes {
     }
 }
 
+/// Most of a backend's answer the gateway holds in memory: a JSON answer is read whole (for its
+/// usage, and for the cache). The largest answer OpenAI sends is a batch of 2048 embeddings of
+/// 3072 dimensions as JSON floats, about 126 MiB; beyond this a backend is broken or hostile.
+const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
+
+/// The backend's whole answer, or a 502 when it is (or says it will be) over [`MAX_ANSWER_BYTES`].
+async fn read_answer(mut upstream: reqwest::Response, backend: &Backend) -> Result<bytes::Bytes, GatewayError> {
+    let too_large =
+        || GatewayError::BackendInvalidResponse { backend: backend.id.clone(), detail: "an answer over 128 MiB" };
+    if upstream.content_length().is_some_and(|len| len > MAX_ANSWER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut answer = bytes::BytesMut::new();
+    while let Some(piece) = upstream.chunk().await.map_err(|e| backend.error(&e))? {
+        if answer.len() + piece.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        answer.extend_from_slice(&piece);
+    }
+    Ok(answer.freeze())
+}
+
+/// A stream that broke one of the relay's bounds (`detail`), logged as transport errors are.
+fn invalid_stream(backend: &Backend, detail: &'static str) -> GatewayError {
+    tracing::warn!(backend = %backend.id, detail, "backend stream refused: it broke a bound of the relay");
+    GatewayError::BackendInvalidResponse { backend: backend.id.clone(), detail }
+}
+
+/// An OpenAI `error` event: how a stream that cannot go on tells the client (the SDKs raise on it).
+fn error_event(error: &GatewayError) -> bytes::Bytes {
+    let mut event = bytes::BytesMut::from(&b"data: "[..]);
+    event.extend_from_slice(&error.body());
+    event.extend_from_slice(b"\n\n");
+    event.freeze()
+}
+
 fn elapsed_us(ctx: &RequestContext) -> u64 {
     u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
@@ -436,19 +472,19 @@ impl StreamRelay {
         let mut body = upstream.bytes_stream();
         let mut client_gone = false;
         loop {
+            // A stream that breaks off or breaks a bound ends with an error event and never with
+            // `[DONE]`: a truncated answer must not look whole. The half-received event, if any,
+            // is dropped: it cannot be completed. The backend is not read any further.
             let (out, ended) = match body.next().await {
-                Some(Ok(bytes)) => (relay.push(&bytes), false),
-                None => (relay.finish(), true),
-                Some(Err(error)) => {
-                    let error = backend.error(&error);
-                    // Tell the client in the stream, as OpenAI does (the SDKs raise on an `error`
-                    // event), and never send `[DONE]`: a truncated answer must not look whole.
-                    // The half-received event, if any, is dropped: it cannot be completed.
-                    let mut event = bytes::BytesMut::from(&b"data: "[..]);
-                    event.extend_from_slice(&error.body());
-                    event.extend_from_slice(b"\n\n");
-                    (event.freeze(), true)
-                }
+                Some(Ok(bytes)) => match relay.push(&bytes) {
+                    Ok(out) => (out, false),
+                    Err(detail) => (error_event(&invalid_stream(&backend, detail)), true),
+                },
+                None => match relay.finish() {
+                    Ok(out) => (out, true),
+                    Err(detail) => (error_event(&invalid_stream(&backend, detail)), true),
+                },
+                Some(Err(error)) => (error_event(&backend.error(&error)), true),
             };
             if !out.is_empty() && !client_gone {
                 let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
