@@ -411,6 +411,7 @@ fn yes() -> bool {
 #[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum PolicyConfig {
     SetHeader(SetHeaderConfig),
+    SetVariable(SetVariableConfig),
     SetBackendService(SetBackendServiceConfig),
     TokenLimit(TokenLimitConfig),
     RateLimitByKey(CallLimitConfig),
@@ -424,6 +425,7 @@ impl PolicyConfig {
     pub fn name(&self) -> &'static str {
         match self {
             Self::SetHeader(_) => "set-header",
+            Self::SetVariable(_) => "set-variable",
             Self::SetBackendService(_) => "set-backend-service",
             Self::TokenLimit(_) => "token-limit",
             Self::RateLimitByKey(_) => "rate-limit-by-key",
@@ -431,6 +433,28 @@ impl PolicyConfig {
             Self::SemanticCacheLookup(_) => "semantic-cache-lookup",
             Self::SemanticCacheStore(_) => "semantic-cache-store",
             Self::EmitTokenMetric(_) => "emit-token-metric",
+        }
+    }
+
+    /// The policy's templates, each with its field's path under the policy.
+    fn templates<'a>(&'a self) -> Vec<(String, &'a str)> {
+        let one = |field: &str, template: &'a str| vec![(field.to_owned(), template)];
+        match self {
+            Self::SetHeader(p) => p.value.as_deref().map_or_else(Vec::new, |value| one("value", value)),
+            Self::SetVariable(p) => one("value", &p.value),
+            Self::TokenLimit(TokenLimitConfig { counter_key, .. })
+            | Self::RateLimitByKey(CallLimitConfig { counter_key, .. })
+            | Self::QuotaByKey(CallLimitConfig { counter_key, .. }) => one("counter-key", counter_key),
+            Self::SemanticCacheLookup(p) => {
+                p.vary_by.iter().enumerate().map(|(i, t)| (format!("vary-by[{i}]"), t.as_str())).collect()
+            }
+            Self::EmitTokenMetric(p) => p
+                .dimensions
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| Some((format!("dimensions[{i}].value"), d.value.as_deref()?)))
+                .collect(),
+            Self::SetBackendService(_) | Self::SemanticCacheStore(_) => Vec::new(),
         }
     }
 }
@@ -626,6 +650,16 @@ pub enum ExistsAction {
     Delete,
 }
 
+/// API Management's set-variable: `{variable.<name>}` for the policies after it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetVariableConfig {
+    /// Letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// A template (see `policy::template`).
+    pub value: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SetBackendServiceConfig {
@@ -779,10 +813,31 @@ impl Config {
             }
             let sections = [("inbound", &api.inbound), ("outbound", &api.outbound), ("on-error", &api.on_error)];
             let mut picks_backend = false;
+            // Variables set so far in pipeline order: a template may read only these, so an unset
+            // variable never renders as empty text in a counter key or a cache partition.
+            let mut variables = std::collections::HashSet::new();
             for (section, policies) in sections {
                 for (i, policy) in policies.iter().enumerate() {
                     let at = |field: &str| format!("apis.{id}.{section}[{i}].{field}");
+                    for (field, template) in policy.templates() {
+                        // A template that does not parse is reported by its policy's check below.
+                        let Ok(template) = crate::policy::template::Template::parse(template) else { continue };
+                        if let Some(name) = template.variables().find(|name| !variables.contains(*name)) {
+                            let message =
+                                format!("{{variable.{name}}} is not set by a set-variable policy before this one");
+                            return Err(ConfigError::at(at(&field), message));
+                        }
+                    }
                     match policy {
+                        PolicyConfig::SetVariable(p) => {
+                            let valid_name = !p.name.is_empty()
+                                && p.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                            if !valid_name {
+                                return Err(ConfigError::at(at("name"), "letters, digits, '-', '_' and '.' only"));
+                            }
+                            validate_template(&p.value, at("value"))?;
+                            variables.insert(p.name.clone());
+                        }
                         PolicyConfig::SetBackendService(p) => {
                             if section != "inbound" {
                                 return Err(ConfigError::at(at("policy"), "set-backend-service belongs in inbound"));
@@ -1109,6 +1164,33 @@ mod tests {
         let message = err(&text);
         assert!(message.starts_with("apis.aoai.bakend: "), "{message}");
         assert!(message.contains("bakend"), "{message}");
+    }
+
+    #[test]
+    fn a_variable_must_be_set_earlier_in_the_pipeline() {
+        let with = |inbound: &str, outbound: &str| {
+            MINIMAL.replace(
+                "outbound = [{ policy = \"set-header\", name = \"x-team\", value = \"{subscription.team}\" }]",
+                &format!("inbound = [{inbound}]\noutbound = [{outbound}]"),
+            )
+        };
+        let set = r#"{ policy = "set-variable", name = "user", value = "{request.header.x-user}" }"#;
+        let limit =
+            r#"{ policy = "rate-limit-by-key", counter-key = "{variable.user}", calls = 5, renewal-period = 10 }"#;
+        let header = r#"{ policy = "set-header", name = "x-user", value = "{variable.user}" }"#;
+        Config::parse(&with(&format!("{set}, {limit}"), header), &no_env).expect("set before use");
+        let message = err(&with(&format!("{limit}, {set}"), ""));
+        assert_eq!(
+            message,
+            "apis.aoai.inbound[0].counter-key: {variable.user} is not set by a set-variable policy before this one"
+        );
+        let message = err(&with("", header));
+        assert!(message.starts_with("apis.aoai.outbound[0].value: {variable.user} is not set"), "{message}");
+        let lookup = r#"{ policy = "semantic-cache-lookup", vary-by = ["{subscription.id}", "{variable.tier}"] }"#;
+        let message = err(&with(&format!("{set}, {lookup}"), ""));
+        assert!(message.starts_with("apis.aoai.inbound[1].vary-by[1]: {variable.tier} is not set"), "{message}");
+        let message = err(&with(r#"{ policy = "set-variable", name = "a b", value = "x" }"#, ""));
+        assert!(message.starts_with("apis.aoai.inbound[0].name: "), "{message}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod emit_token_metric;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
+pub mod set_variable;
 pub mod subscription_key;
 pub mod template;
 pub mod token_limit;
@@ -136,6 +137,7 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
     let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
+        PolicyConfig::SetVariable(c) => Box::new(set_variable::SetVariable::new(c)?),
         PolicyConfig::TokenLimit(c) => Box::new(token_limit::TokenLimit::new(id, c, deps.counters.clone())?),
         PolicyConfig::RateLimitByKey(c) => {
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Rate, c, deps.counters.clone())?)
