@@ -182,9 +182,13 @@ pub struct BackendConfig {
     pub auth: BackendAuthConfig,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Bounds the whole exchange, streamed body included (and so the drain after a client left).
+    /// Bounds the whole exchange, streamed body included (and so the drain after a client left);
+    /// for an `http` API's stream only the wait for the answer's head.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Ends an `http` API's stream (an agent's SSE, an MCP stream) after this long without a byte.
+    #[serde(default = "default_stream_idle_timeout_secs")]
+    pub stream_idle_timeout_secs: u64,
     /// Without one the backend is never taken out of traffic (its failures are still counted).
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
@@ -280,6 +284,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_timeout_secs() -> u64 {
     300
 }
+fn default_stream_idle_timeout_secs() -> u64 {
+    60
+}
 
 impl BackendConfig {
     pub fn connect_timeout(&self) -> Duration {
@@ -287,6 +294,9 @@ impl BackendConfig {
     }
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_timeout_secs)
     }
 }
 
@@ -733,6 +743,9 @@ impl Config {
             }
             if backend.timeout_secs == 0 || backend.connect_timeout_ms == 0 {
                 return Err(ConfigError::at(at("timeout-secs"), "timeouts must be greater than 0"));
+            }
+            if backend.stream_idle_timeout_secs == 0 {
+                return Err(ConfigError::at(at("stream-idle-timeout-secs"), "must be greater than 0"));
             }
             match &backend.auth {
                 BackendAuthConfig::None => {}

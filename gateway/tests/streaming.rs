@@ -204,6 +204,8 @@ enum Step {
     Send(Vec<u8>),
     /// The same bytes this many times (a body too large to build in one piece).
     SendTimes(Vec<u8>, usize),
+    /// Stay silent for a while, the connection open (a slow or idle backend).
+    Pause(Duration),
     /// Keep the connection open until the gateway closes it.
     HoldOpen,
 }
@@ -240,6 +242,10 @@ impl RawBackend {
                                     }
                                 }
                                 result
+                            }
+                            Step::Pause(duration) => {
+                                tokio::time::sleep(duration).await;
+                                Ok(())
                             }
                             Step::HoldOpen => {
                                 let mut sink = [0u8; 1024];
@@ -309,7 +315,6 @@ async fn gateway_before(backend: &RawBackend, sim: &Sim, backend_extra: &str) ->
 [backends.raw]
 url = "{raw}/v1"
 kind = "openai"
-timeout-secs = 30
 {backend_extra}
 
 [backends.sim]
@@ -424,4 +429,102 @@ async fn a_json_answer_beyond_the_bound_is_a_502() {
         assert_eq!(body["error"]["code"], "backend_invalid_response", "{body}");
         backend.wait_closed().await;
     }
+}
+
+/// The end of a chunked body: the backend ends its stream cleanly.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Reads a pass-through stream from the gateway's `http` API: (request id, the body received,
+/// whether the body ended cleanly).
+async fn passthrough_stream(gw: &Gateway) -> (String, String, bool) {
+    let response = client().get(format!("{}/agents/events", gw.url)).header("api-key", KEY).send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let mut body = response.bytes_stream();
+    let mut received = Vec::new();
+    let clean = loop {
+        match body.next().await {
+            Some(Ok(bytes)) => received.extend_from_slice(&bytes),
+            Some(Err(_)) => break false,
+            None => break true,
+        }
+    };
+    (id, String::from_utf8(received).expect("utf-8"), clean)
+}
+
+/// The samples of `/metrics` counting broken streams.
+async fn broken_stream_metrics(gw: &Gateway) -> Vec<String> {
+    let text = client().get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.expect("text");
+    text.lines().filter(|l| l.contains("kind=\"stream-broken\"")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_ends_cleanly_without_done_is_complete() {
+    let sim = Sim::start(&[]).await;
+    let events = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+    let backend = RawBackend::start(vec![
+        Step::Send(SSE_HEAD.to_vec()),
+        Step::Send(chunk(events)),
+        Step::Send(LAST_CHUNK.to_vec()),
+    ])
+    .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert!(clean, "the body ended cleanly");
+    assert_eq!(body, events, "passed as it came");
+    let log = gw.proc.request_log(&id).await;
+    assert!(log.get("stream_incomplete").is_none(), "{log}");
+    assert_eq!(broken_stream_metrics(&gw).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_keeps_sending_outlives_the_total_timeout() {
+    let sim = Sim::start(&[]).await;
+    let mut script = vec![Step::Send(SSE_HEAD.to_vec())];
+    for _ in 0..8 {
+        script.push(Step::Send(chunk("data: tick\n\n")));
+        script.push(Step::Pause(Duration::from_millis(300)));
+    }
+    script.push(Step::Send(LAST_CHUNK.to_vec()));
+    let backend = RawBackend::start(script).await;
+    let gw = gateway_before(&backend, &sim, "timeout-secs = 1\nstream-idle-timeout-secs = 2").await;
+    let started = Instant::now();
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert!(started.elapsed() > Duration::from_secs(2), "the stream lasted longer than timeout-secs");
+    assert!(clean, "not cut");
+    assert_eq!(body, "data: tick\n\n".repeat(8));
+    assert!(gw.proc.request_log(&id).await.get("stream_incomplete").is_none());
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_goes_idle_is_ended() {
+    let sim = Sim::start(&[]).await;
+    let mut backend =
+        RawBackend::start(vec![Step::Send(SSE_HEAD.to_vec()), Step::Send(chunk("data: hello\n\n")), Step::HoldOpen])
+            .await;
+    let gw = gateway_before(&backend, &sim, "stream-idle-timeout-secs = 1").await;
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert_eq!(body, "data: hello\n\n");
+    assert!(!clean, "a cut stream must not look whole");
+    backend.wait_closed().await;
+    assert_eq!(gw.proc.request_log(&id).await["stream_incomplete"], true);
+    assert_eq!(broken_stream_metrics(&gw).await.len(), 1, "counted as broken by the backend");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_passthrough_stream_lets_the_backend_go() {
+    let sim = Sim::start(&[]).await;
+    let mut backend =
+        RawBackend::start(vec![Step::Send(SSE_HEAD.to_vec()), Step::Send(chunk("data: hello\n\n")), Step::HoldOpen])
+            .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let response = client().get(format!("{}/agents/events", gw.url)).header("api-key", KEY).send().await.expect("send");
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let mut body = response.bytes_stream();
+    assert_eq!(body.next().await.expect("a chunk").expect("bytes"), "data: hello\n\n");
+    drop(body);
+    // The backend never ends this stream and the idle timeout is 60 s: only the gateway letting go
+    // of it closes the connection within the wait.
+    backend.wait_closed().await;
+    assert_eq!(gw.proc.request_log(&id).await["client_disconnected"], true);
 }

@@ -11,8 +11,8 @@
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
-//! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
-//!    client left), with the usage known, and always off the response path (in a task of its
+//! 5. **completed**: after the last byte (an OpenAI stream is read to its end even when the
+//!    client left; an `http` API's stream is let go), with the usage known, and always off the response path (in a task of its
 //!    own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
 //!    appended to the ledger, the gateway's own metrics are recorded, and the request log line
 //!    is written.
@@ -311,18 +311,23 @@ impl Pipeline {
             for policy in &self.outbound {
                 policy.outbound(ctx, &mut head).await?;
             }
-            let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
-            let mut relay = SseRelay::new(strip_usage);
-            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
-                relay = relay.assembling();
-            }
+            // An `http` API's stream is not OpenAI's: it passes as it comes (see `relay_passthrough`).
+            let relay = (ctx.operation != Operation::Passthrough).then(|| {
+                let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
+                let relay = SseRelay::new(strip_usage);
+                if self.outbound.iter().any(|p| p.wants_answer(ctx)) { relay.assembling() } else { relay }
+            });
             let (tx, rx) = mpsc::channel(32);
             let relay = StreamRelay { upstream, relay, tx, backend };
             let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
             return Ok((Response::from_parts(head, body), Some(relay)));
         }
 
-        let bytes = read_answer(upstream, &backend).await?;
+        // An `http` API's answer is not bounded by the request's own timeout (see `Backend::send`).
+        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
+        let bytes = tokio::time::timeout_at(deadline, read_answer(upstream, &backend))
+            .await
+            .map_err(|_| GatewayError::BackendTimeout { backend: backend.id.clone() })??;
         if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
             ctx.usage = usage_of_response(&bytes);
             if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
@@ -460,45 +465,113 @@ fn elapsed_us(ctx: &RequestContext) -> u64 {
 /// Moves a streamed response from the backend to the client.
 struct StreamRelay {
     upstream: reqwest::Response,
-    relay: SseRelay,
-    tx: mpsc::Sender<Result<bytes::Bytes, std::convert::Infallible>>,
+    /// Reads an OpenAI stream's usage; `None` for an `http` API's stream, passed as it comes.
+    relay: Option<SseRelay>,
+    /// An error aborts the client's response, so a cut pass-through stream does not look whole.
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     backend: Arc<Backend>,
 }
 
 impl StreamRelay {
-    /// Relays until the backend's body ends. A client that leaves (or stops reading until the
-    /// backend's deadline) is let go, but the backend is read to its end so the usage is known.
     async fn relay(self, ctx: &mut RequestContext) {
-        let Self { upstream, mut relay, tx, backend } = self;
-        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
-        let mut body = upstream.bytes_stream();
-        let mut client_gone = false;
-        loop {
-            // A stream that breaks off or breaks a bound ends with an error event and never with
-            // `[DONE]`: a truncated answer must not look whole. The half-received event, if any,
-            // is dropped: it cannot be completed. The backend is not read any further.
-            let (out, ended) = match body.next().await {
-                Some(Ok(bytes)) => match relay.push(&bytes) {
-                    Ok(out) => (out, false),
-                    Err(detail) => (error_event(&invalid_stream(&backend, detail)), true),
-                },
-                None => match relay.finish() {
-                    Ok(out) => (out, true),
-                    Err(detail) => (error_event(&invalid_stream(&backend, detail)), true),
-                },
-                Some(Err(error)) => (error_event(&backend.error(&error)), true),
-            };
-            if !out.is_empty() && !client_gone {
-                let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
-                client_gone = !matches!(sent, Ok(Ok(())));
-            }
-            if ended {
+        let Self { upstream, relay, tx, backend } = self;
+        match relay {
+            Some(relay) => relay_openai(upstream, relay, tx, &backend, ctx).await,
+            None => relay_passthrough(upstream, tx, &backend, ctx).await,
+        }
+    }
+}
+
+/// An `http` API's stream (an agent's SSE, an MCP server's stream) goes to the client as it
+/// comes, unread: it has no usage and no `[DONE]`, and is complete when the backend ends its body
+/// cleanly. It is bounded by `stream-idle-timeout-secs` between chunks rather than by the total
+/// timeout, which would cut a long-lived stream that keeps sending. A client that leaves lets the
+/// backend go at once: there is no usage to wait for, and an MCP GET stream never ends.
+async fn relay_passthrough(
+    upstream: reqwest::Response,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    backend: &Backend,
+    ctx: &mut RequestContext,
+) {
+    let idle = backend.stream_idle_timeout();
+    let mut body = upstream.bytes_stream();
+    let (mut complete, mut client_gone) = (false, false);
+    loop {
+        let next = tokio::select! {
+            () = tx.closed() => {
+                client_gone = true;
                 break;
             }
+            next = tokio::time::timeout(idle, body.next()) => next,
+        };
+        let bytes = match next {
+            Ok(Some(Ok(bytes))) => bytes,
+            Ok(None) => {
+                complete = true;
+                break;
+            }
+            Ok(Some(Err(error))) => {
+                let _logged = backend.error(&error);
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    request_id = %ctx.request_id, backend = %backend.id, idle_secs = idle.as_secs(),
+                    "pass-through stream ended: the backend sent nothing for stream-idle-timeout-secs"
+                );
+                break;
+            }
+        };
+        if !matches!(tokio::time::timeout(idle, tx.send(Ok(bytes))).await, Ok(Ok(()))) {
+            client_gone = true;
+            break;
         }
-        ctx.usage = relay.usage();
-        ctx.answer = relay.assembled();
-        ctx.outcome.client_disconnected = client_gone;
-        ctx.outcome.stream_incomplete = !relay.saw_done();
     }
+    if !complete && !client_gone {
+        let _ = tx.try_send(Err(std::io::Error::other("the backend's stream was cut")));
+    }
+    ctx.outcome.client_disconnected = client_gone;
+    ctx.outcome.stream_incomplete = !complete && !client_gone;
+}
+
+/// Relays an OpenAI stream until the backend's body ends. A client that leaves (or stops reading
+/// until the backend's deadline) is let go, but the backend is read to its end so the usage is
+/// known.
+async fn relay_openai(
+    upstream: reqwest::Response,
+    mut relay: SseRelay,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    backend: &Backend,
+    ctx: &mut RequestContext,
+) {
+    let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
+    let mut body = upstream.bytes_stream();
+    let mut client_gone = false;
+    loop {
+        // A stream that breaks off or breaks a bound ends with an error event and never with
+        // `[DONE]`: a truncated answer must not look whole. The half-received event, if any,
+        // is dropped: it cannot be completed. The backend is not read any further.
+        let (out, ended) = match body.next().await {
+            Some(Ok(bytes)) => match relay.push(&bytes) {
+                Ok(out) => (out, false),
+                Err(detail) => (error_event(&invalid_stream(backend, detail)), true),
+            },
+            None => match relay.finish() {
+                Ok(out) => (out, true),
+                Err(detail) => (error_event(&invalid_stream(backend, detail)), true),
+            },
+            Some(Err(error)) => (error_event(&backend.error(&error)), true),
+        };
+        if !out.is_empty() && !client_gone {
+            let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
+            client_gone = !matches!(sent, Ok(Ok(())));
+        }
+        if ended {
+            break;
+        }
+    }
+    ctx.usage = relay.usage();
+    ctx.answer = relay.assembled();
+    ctx.outcome.client_disconnected = client_gone;
+    ctx.outcome.stream_incomplete = !relay.saw_done();
 }
