@@ -11,8 +11,8 @@
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
-//! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
-//!    client left), with the usage known, and always off the response path (in a task of its
+//! 5. **completed**: after the last byte (an OpenAI stream is read to its end even when the
+//!    client left; an `http` API's stream is let go), with the usage known, and always off the response path (in a task of its
 //!    own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
 //!    appended to the ledger, the gateway's own metrics are recorded, and the request log line
 //!    is written.
@@ -29,6 +29,7 @@ pub mod emit_token_metric;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
+pub mod set_variable;
 pub mod subscription_key;
 pub mod template;
 pub mod token_limit;
@@ -137,6 +138,7 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
     let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
+        PolicyConfig::SetVariable(c) => Box::new(set_variable::SetVariable::new(c)?),
         PolicyConfig::TokenLimit(c) => Box::new(token_limit::TokenLimit::new(id, c, deps.counters.clone())?),
         PolicyConfig::RateLimitByKey(c) => {
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Rate, c, deps.counters.clone())?)
@@ -318,18 +320,23 @@ impl Pipeline {
             for policy in &self.outbound {
                 policy.outbound(ctx, &mut head).await?;
             }
-            let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
-            let mut relay = SseRelay::new(strip_usage);
-            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
-                relay = relay.assembling();
-            }
+            // An `http` API's stream is not OpenAI's: it passes as it comes (see `relay_passthrough`).
+            let relay = (ctx.operation != Operation::Passthrough).then(|| {
+                let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
+                let relay = SseRelay::new(strip_usage);
+                if self.outbound.iter().any(|p| p.wants_answer(ctx)) { relay.assembling() } else { relay }
+            });
             let (tx, rx) = mpsc::channel(32);
             let relay = StreamRelay { upstream, relay, tx, backend };
             let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
             return Ok((Response::from_parts(head, body), Some(relay)));
         }
 
-        let bytes = upstream.bytes().await.map_err(|e| backend.error(&e))?;
+        // An `http` API's answer is not bounded by the request's own timeout (see `Backend::send`).
+        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
+        let bytes = tokio::time::timeout_at(deadline, read_answer(upstream, &backend))
+            .await
+            .map_err(|_| GatewayError::BackendTimeout { backend: backend.id.clone() })??;
         if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
             ctx.usage = usage_of_response(&bytes);
             if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
@@ -424,6 +431,42 @@ fn backend_body(ctx: &RequestContext, backend: &Backend) -> bytes::Bytes {
     }
 }
 
+/// Most of a backend's answer the gateway holds in memory: a JSON answer is read whole (for its
+/// usage, and for the cache). The largest answer OpenAI sends is a batch of 2048 embeddings of
+/// 3072 dimensions as JSON floats, about 126 MiB; beyond this a backend is broken or hostile.
+const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
+
+/// The backend's whole answer, or a 502 when it is (or says it will be) over [`MAX_ANSWER_BYTES`].
+async fn read_answer(mut upstream: reqwest::Response, backend: &Backend) -> Result<bytes::Bytes, GatewayError> {
+    let too_large =
+        || GatewayError::BackendInvalidResponse { backend: backend.id.clone(), detail: "an answer over 128 MiB" };
+    if upstream.content_length().is_some_and(|len| len > MAX_ANSWER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut answer = bytes::BytesMut::new();
+    while let Some(piece) = upstream.chunk().await.map_err(|e| backend.error(&e))? {
+        if answer.len() + piece.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        answer.extend_from_slice(&piece);
+    }
+    Ok(answer.freeze())
+}
+
+/// A stream that broke one of the relay's bounds (`detail`), logged as transport errors are.
+fn invalid_stream(backend: &Backend, detail: &'static str) -> GatewayError {
+    tracing::warn!(backend = %backend.id, detail, "backend stream refused: it broke a bound of the relay");
+    GatewayError::BackendInvalidResponse { backend: backend.id.clone(), detail }
+}
+
+/// An OpenAI `error` event: how a stream that cannot go on tells the client (the SDKs raise on it).
+fn error_event(error: &GatewayError) -> bytes::Bytes {
+    let mut event = bytes::BytesMut::from(&b"data: "[..]);
+    event.extend_from_slice(&error.body());
+    event.extend_from_slice(b"\n\n");
+    event.freeze()
+}
+
 fn elapsed_us(ctx: &RequestContext) -> u64 {
     u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
@@ -431,45 +474,113 @@ fn elapsed_us(ctx: &RequestContext) -> u64 {
 /// Moves a streamed response from the backend to the client.
 struct StreamRelay {
     upstream: reqwest::Response,
-    relay: SseRelay,
-    tx: mpsc::Sender<Result<bytes::Bytes, std::convert::Infallible>>,
+    /// Reads an OpenAI stream's usage; `None` for an `http` API's stream, passed as it comes.
+    relay: Option<SseRelay>,
+    /// An error aborts the client's response, so a cut pass-through stream does not look whole.
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     backend: Arc<Backend>,
 }
 
 impl StreamRelay {
-    /// Relays until the backend's body ends. A client that leaves (or stops reading until the
-    /// backend's deadline) is let go, but the backend is read to its end so the usage is known.
     async fn relay(self, ctx: &mut RequestContext) {
-        let Self { upstream, mut relay, tx, backend } = self;
-        let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
-        let mut body = upstream.bytes_stream();
-        let mut client_gone = false;
-        loop {
-            let (out, ended) = match body.next().await {
-                Some(Ok(bytes)) => (relay.push(&bytes), false),
-                None => (relay.finish(), true),
-                Some(Err(error)) => {
-                    let error = backend.error(&error);
-                    // Tell the client in the stream, as OpenAI does (the SDKs raise on an `error`
-                    // event), and never send `[DONE]`: a truncated answer must not look whole.
-                    // The half-received event, if any, is dropped: it cannot be completed.
-                    let mut event = bytes::BytesMut::from(&b"data: "[..]);
-                    event.extend_from_slice(&error.body());
-                    event.extend_from_slice(b"\n\n");
-                    (event.freeze(), true)
-                }
-            };
-            if !out.is_empty() && !client_gone {
-                let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
-                client_gone = !matches!(sent, Ok(Ok(())));
-            }
-            if ended {
+        let Self { upstream, relay, tx, backend } = self;
+        match relay {
+            Some(relay) => relay_openai(upstream, relay, tx, &backend, ctx).await,
+            None => relay_passthrough(upstream, tx, &backend, ctx).await,
+        }
+    }
+}
+
+/// An `http` API's stream (an agent's SSE, an MCP server's stream) goes to the client as it
+/// comes, unread: it has no usage and no `[DONE]`, and is complete when the backend ends its body
+/// cleanly. It is bounded by `stream-idle-timeout-secs` between chunks rather than by the total
+/// timeout, which would cut a long-lived stream that keeps sending. A client that leaves lets the
+/// backend go at once: there is no usage to wait for, and an MCP GET stream never ends.
+async fn relay_passthrough(
+    upstream: reqwest::Response,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    backend: &Backend,
+    ctx: &mut RequestContext,
+) {
+    let idle = backend.stream_idle_timeout();
+    let mut body = upstream.bytes_stream();
+    let (mut complete, mut client_gone) = (false, false);
+    loop {
+        let next = tokio::select! {
+            () = tx.closed() => {
+                client_gone = true;
                 break;
             }
+            next = tokio::time::timeout(idle, body.next()) => next,
+        };
+        let bytes = match next {
+            Ok(Some(Ok(bytes))) => bytes,
+            Ok(None) => {
+                complete = true;
+                break;
+            }
+            Ok(Some(Err(error))) => {
+                let _logged = backend.error(&error);
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    request_id = %ctx.request_id, backend = %backend.id, idle_secs = idle.as_secs(),
+                    "pass-through stream ended: the backend sent nothing for stream-idle-timeout-secs"
+                );
+                break;
+            }
+        };
+        if !matches!(tokio::time::timeout(idle, tx.send(Ok(bytes))).await, Ok(Ok(()))) {
+            client_gone = true;
+            break;
         }
-        ctx.usage = relay.usage();
-        ctx.answer = relay.assembled();
-        ctx.outcome.client_disconnected = client_gone;
-        ctx.outcome.stream_incomplete = !relay.saw_done();
     }
+    if !complete && !client_gone {
+        let _ = tx.try_send(Err(std::io::Error::other("the backend's stream was cut")));
+    }
+    ctx.outcome.client_disconnected = client_gone;
+    ctx.outcome.stream_incomplete = !complete && !client_gone;
+}
+
+/// Relays an OpenAI stream until the backend's body ends. A client that leaves (or stops reading
+/// until the backend's deadline) is let go, but the backend is read to its end so the usage is
+/// known.
+async fn relay_openai(
+    upstream: reqwest::Response,
+    mut relay: SseRelay,
+    tx: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    backend: &Backend,
+    ctx: &mut RequestContext,
+) {
+    let deadline = tokio::time::Instant::from_std(ctx.started) + backend.timeout();
+    let mut body = upstream.bytes_stream();
+    let mut client_gone = false;
+    loop {
+        // A stream that breaks off or breaks a bound ends with an error event and never with
+        // `[DONE]`: a truncated answer must not look whole. The half-received event, if any,
+        // is dropped: it cannot be completed. The backend is not read any further.
+        let (out, ended) = match body.next().await {
+            Some(Ok(bytes)) => match relay.push(&bytes) {
+                Ok(out) => (out, false),
+                Err(detail) => (error_event(&invalid_stream(backend, detail)), true),
+            },
+            None => match relay.finish() {
+                Ok(out) => (out, true),
+                Err(detail) => (error_event(&invalid_stream(backend, detail)), true),
+            },
+            Some(Err(error)) => (error_event(&backend.error(&error)), true),
+        };
+        if !out.is_empty() && !client_gone {
+            let sent = tokio::time::timeout_at(deadline, tx.send(Ok(out))).await;
+            client_gone = !matches!(sent, Ok(Ok(())));
+        }
+        if ended {
+            break;
+        }
+    }
+    ctx.usage = relay.usage();
+    ctx.answer = relay.assembled();
+    ctx.outcome.client_disconnected = client_gone;
+    ctx.outcome.stream_incomplete = !relay.saw_done();
 }
