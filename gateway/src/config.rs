@@ -584,6 +584,11 @@ pub struct SemanticCacheLookupConfig {
     /// the backend (an embeddings backend's own timeout is meant for long calls).
     #[serde(default = "default_embedding_timeout_ms")]
     pub embeddings_timeout_ms: u64,
+    /// Why the lookup is switched off, when it is: every request then bypasses the cache with this reason. Never
+    /// read from a document (`aigw serve` refuses to start without its embeddings instead); `aigw quickstart` sets
+    /// it when the local model is missing, so a first run works before the model is installed.
+    #[serde(skip)]
+    pub switched_off: Option<&'static str>,
 }
 
 fn default_embedding_timeout_ms() -> u64 {

@@ -147,7 +147,10 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Quota, c, deps.counters.clone())?)
         }
         PolicyConfig::SemanticCacheLookup(c) => {
-            let embedder = deps.cache.embedder(&c.embeddings)?;
+            let embedder = match c.switched_off {
+                Some(reason) => Err(reason),
+                None => Ok(deps.cache.embedder(&c.embeddings)?),
+            };
             Box::new(semantic_cache::SemanticCacheLookup::new(c, embedder, deps.cache.store()?)?)
         }
         PolicyConfig::SemanticCacheStore(c) => {
