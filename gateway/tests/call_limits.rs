@@ -26,6 +26,19 @@ kind = "http"
 path = "/mcp"
 backend = "agents"
 inbound = [{{ policy = "quota-by-key", counter-key = "{{subscription.team}}", calls = 2, renewal-period = 3600 }}]
+
+[apis.per-user]
+kind = "http"
+path = "/per-user"
+backend = "agents"
+inbound = [
+  {{ policy = "set-variable", name = "user", value = "user-{{request.header.x-user}}" }},
+  {{ policy = "rate-limit-by-key", counter-key = "{{variable.user}}", calls = 1, renewal-period = 60 }},
+]
+outbound = [
+  {{ policy = "set-variable", name = "seen", value = "{{variable.user}} via {{backend.id}}" }},
+  {{ policy = "set-header", name = "x-seen", value = "{{variable.seen}}" }},
+]
 "#,
         url = sim.url
     );
@@ -53,6 +66,23 @@ async fn rate_limit_by_key_answers_429_with_retry_after() {
     let other =
         http.get(format!("{}/agents/v1/models", gw.url)).header("api-key", OTHER_KEY).send().await.expect("send");
     assert_eq!(other.status(), 401, "team B may not call the agents API at all");
+}
+
+#[tokio::test]
+async fn set_variable_keys_a_limit_per_value_and_reaches_outbound() {
+    let sim = Sim::start(&[]).await;
+    let gw = gateway(&sim).await;
+    let call = |user: &'static str| {
+        client().get(format!("{}/per-user/v1/models", gw.url)).header("api-key", KEY).header("x-user", user).send()
+    };
+    let first = call("ann").await.expect("send");
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-seen"], "user-ann via agents");
+    assert_eq!(call("ann").await.expect("send").status(), 429, "ann's one call is used");
+    // Had the variable rendered empty, every caller would share ann's counter.
+    let bob = call("bob").await.expect("send");
+    assert_eq!(bob.status(), 200, "bob has a counter of his own");
+    assert_eq!(bob.headers()["x-seen"], "user-bob via agents");
 }
 
 #[tokio::test]

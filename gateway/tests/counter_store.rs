@@ -10,7 +10,7 @@ use std::time::Duration;
 use aigw::infra::clock::{Clock, ManualClock};
 use aigw::limits::memory::MemoryStore;
 use aigw::limits::redis::RedisStore;
-use aigw::limits::{Admission, CounterStore, Limit, Period, Window};
+use aigw::limits::{Admission, CounterStore, Limit, Period, StoreError, Window};
 use common::RedisServer;
 
 /// 2024-02-29 23:59:00 UTC, a leap day, in milliseconds.
@@ -246,6 +246,43 @@ async fn redis_store_times_out_and_recovers_without_a_restart() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the store never came back");
+        // The breaker lets a probe through every 300 ms; wait for the next one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_probe_does_not_keep_redis_switched_off() {
+    let Some(redis) = RedisServer::start_if_installed("a_cancelled_probe_does_not_keep_redis_switched_off").await
+    else {
+        return;
+    };
+    let store =
+        RedisStore::new(&redis.url(), Duration::from_millis(200), Duration::from_millis(300), None).expect("store");
+    let limits = [sliding("probe", 1_000)];
+    assert!(matches!(store.reserve(&limits, 1).await, Ok(Admission::Granted { .. })));
+    // A stopped redis-server keeps its connections open and never answers: calls time out.
+    redis.proc.signal("STOP");
+    while !matches!(store.reserve(&limits, 1).await, Err(StoreError::Unavailable(why)) if why == "breaker open") {}
+    // After the cool-down one call probes; cancel it mid-call, as a client that goes away does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(50), store.reserve(&limits, 1)).await {
+            Err(_) => break,
+            Ok(Err(StoreError::Unavailable(why))) if why == "breaker open" => {}
+            Ok(other) => panic!("Redis is stopped, yet: {other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "no probe went out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.proc.signal("CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.reserve(&limits, 1).await {
+            Ok(Admission::Granted { .. }) => break,
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => assert!(std::time::Instant::now() < deadline, "the breaker never probed Redis again"),
+        }
         // The breaker lets a probe through every 300 ms; wait for the next one.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -1,5 +1,6 @@
 //! Streaming through the gateway: usage asked for and hidden, no buffering, accounting that
-//! survives a client that leaves, and a backend that breaks off.
+//! survives a client that leaves, and a backend that breaks off or breaks the relay's bounds (a
+//! hostile backend of the test's own, writing raw HTTP/1.1).
 
 mod common;
 
@@ -195,4 +196,335 @@ async fn a_backend_that_breaks_off_mid_stream_ends_with_an_error_event() {
     assert_eq!(last["error"]["code"], "backend_unavailable", "the stream ends with an OpenAI error event: {last}");
     let log = gw.proc.request_log(&id).await;
     assert_eq!(log["stream_incomplete"], true, "{log}");
+}
+
+/// What a [`RawBackend`] does on a connection, in order, once it has read the request's head.
+#[derive(Clone)]
+enum Step {
+    Send(Vec<u8>),
+    /// The same bytes this many times (a body too large to build in one piece).
+    SendTimes(Vec<u8>, usize),
+    /// Stay silent for a while, the connection open (a slow or idle backend).
+    Pause(Duration),
+    /// Keep the connection open until the gateway closes it.
+    HoldOpen,
+}
+
+/// A backend of the test's own on a real socket, writing raw HTTP/1.1: a broken or hostile one.
+/// Every connection gets the same script; `closed` hears when the gateway closed one (a write
+/// failed, or the script held it open and the gateway hung up).
+struct RawBackend {
+    url: String,
+    closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl RawBackend {
+    async fn start(script: Vec<Step>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (script, tx) = (script.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if !read_request(&mut socket).await {
+                        return;
+                    }
+                    for step in script {
+                        let written = match step {
+                            Step::Send(bytes) => socket.write_all(&bytes).await,
+                            Step::SendTimes(bytes, times) => {
+                                let mut result = Ok(());
+                                for _ in 0..times {
+                                    result = socket.write_all(&bytes).await;
+                                    if result.is_err() {
+                                        break;
+                                    }
+                                }
+                                result
+                            }
+                            Step::Pause(duration) => {
+                                tokio::time::sleep(duration).await;
+                                Ok(())
+                            }
+                            Step::HoldOpen => {
+                                let mut sink = [0u8; 1024];
+                                while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {}
+                                Err(std::io::ErrorKind::ConnectionAborted.into())
+                            }
+                        };
+                        if written.is_err() {
+                            let _ = tx.send(());
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, closed }
+    }
+
+    /// Waits until the gateway has closed a connection to this backend.
+    async fn wait_closed(&mut self) {
+        tokio::time::timeout(WAIT, self.closed.recv()).await.expect("the gateway never let go of the backend");
+    }
+}
+
+/// Reads a request's head and its `Content-Length` body; false when the connection closed first.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> bool {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().expect("content-length"));
+    let mut body = seen.len() - head_end;
+    while body < length {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => body += n,
+        }
+    }
+    true
+}
+
+/// The head of a chunked event stream.
+const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+
+/// One chunk of a chunked body holding `data`.
+fn chunk(data: &str) -> Vec<u8> {
+    format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
+}
+
+/// A gateway in front of `backend` (OpenAI kind, and an `http` API on it at /agents), with the
+/// semantic cache on the OpenAI API (so streams are assembled) and embeddings from llm-sim.
+async fn gateway_before(backend: &RawBackend, sim: &Sim, backend_extra: &str) -> Gateway {
+    let toml = format!(
+        r#"
+[backends.raw]
+url = "{raw}/v1"
+kind = "openai"
+{backend_extra}
+
+[backends.sim]
+url = "{sim}/v1"
+kind = "openai"
+
+[[subscriptions]]
+id = "sub-a"
+name = "Team A app"
+team = "team-a"
+apis = ["*"]
+key-sha256 = "{key}"
+
+[apis.aoai]
+kind = "openai"
+backend = "raw"
+inbound = [
+  {{ policy = "semantic-cache-lookup", embeddings = {{ source = "backend", backend-id = "sim", model = "text-embedding-3-small" }} }},
+  {{ policy = "token-limit", tokens-per-minute = 100000 }},
+]
+outbound = [{{ policy = "semantic-cache-store" }}]
+
+[apis.agents]
+kind = "http"
+path = "/agents"
+backend = "raw"
+"#,
+        raw = backend.url,
+        sim = sim.url,
+        key = sha256_hex(KEY),
+    );
+    Gateway::start(&toml, &[]).await
+}
+
+/// The OpenAI error event a stream ended with, after asserting it has no `[DONE]`.
+fn final_error(data: &[String]) -> Value {
+    assert!(!data.contains(&"[DONE]".to_owned()), "a stream cut short must not look complete: {data:?}");
+    serde_json::from_str(data.last().expect("an event")).expect("json")
+}
+
+#[tokio::test]
+async fn a_hostile_choice_index_ends_the_stream_with_an_error_and_keeps_the_usage() {
+    let sim = Sim::start(&[]).await;
+    let role = r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"}}]}"#;
+    let usage = r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#;
+    let hostile = r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":4000000000,"delta":{"content":"x"}}]}"#;
+    let mut backend = RawBackend::start(vec![
+        Step::Send(SSE_HEAD.to_vec()),
+        Step::Send(chunk(&format!("{role}\n\n{usage}\n\n{hostile}\n\n"))),
+        // A hostile backend would go on; the gateway must stop reading it.
+        Step::SendTimes(chunk(&format!("{role}\n\n")), 1_000_000),
+    ])
+    .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let (id, data) = stream(&gw, "/v1/chat/completions", &chat_body("hostile index", true)).await;
+    let error = final_error(&data);
+    assert_eq!(error["error"]["code"], "backend_invalid_response", "{error}");
+    backend.wait_closed().await;
+    let log = gw.proc.request_log(&id).await;
+    assert_eq!(log["stream_incomplete"], true, "{log}");
+    assert_eq!(log["total_tokens"], 12, "the usage the backend reported is booked: {log}");
+}
+
+#[tokio::test]
+async fn an_event_without_end_is_cut_at_its_bound() {
+    let sim = Sim::start(&[]).await;
+    let first =
+        r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
+    let mut backend = RawBackend::start(vec![
+        Step::Send(SSE_HEAD.to_vec()),
+        Step::Send(chunk(&format!("{first}\n\ndata: \""))),
+        // 64 MiB of one event that never gets its blank line.
+        Step::SendTimes(chunk(&"x".repeat(64 * 1024)), 1024),
+        Step::HoldOpen,
+    ])
+    .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let (id, data) = stream(&gw, "/v1/chat/completions", &chat_body("endless event", true)).await;
+    assert_eq!(data.first().map(String::as_str), Some(&first["data: ".len()..]), "{data:?}");
+    assert_eq!(final_error(&data)["error"]["code"], "backend_invalid_response");
+    backend.wait_closed().await;
+    assert_eq!(gw.proc.request_log(&id).await["stream_incomplete"], true);
+}
+
+#[tokio::test]
+async fn a_json_answer_beyond_the_bound_is_a_502() {
+    let sim = Sim::start(&[]).await;
+    let declared = RawBackend::start(vec![
+        Step::Send(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000000\r\n\r\n{".to_vec(),
+        ),
+        Step::HoldOpen,
+    ])
+    .await;
+    let chunked = RawBackend::start(vec![
+        Step::Send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec()),
+        // 1 GiB if the gateway kept reading.
+        Step::SendTimes(chunk(&" ".repeat(1024 * 1024)), 1024),
+        Step::HoldOpen,
+    ])
+    .await;
+    for mut backend in [declared, chunked] {
+        let gw = gateway_before(&backend, &sim, "").await;
+        let response = client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("api-key", KEY)
+            .json(&chat_body("a huge answer", false))
+            .send()
+            .await
+            .expect("send");
+        let body = openai_error(response, 502).await;
+        assert_eq!(body["error"]["code"], "backend_invalid_response", "{body}");
+        backend.wait_closed().await;
+    }
+}
+
+/// The end of a chunked body: the backend ends its stream cleanly.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Reads a pass-through stream from the gateway's `http` API: (request id, the body received,
+/// whether the body ended cleanly).
+async fn passthrough_stream(gw: &Gateway) -> (String, String, bool) {
+    let response = client().get(format!("{}/agents/events", gw.url)).header("api-key", KEY).send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let mut body = response.bytes_stream();
+    let mut received = Vec::new();
+    let clean = loop {
+        match body.next().await {
+            Some(Ok(bytes)) => received.extend_from_slice(&bytes),
+            Some(Err(_)) => break false,
+            None => break true,
+        }
+    };
+    (id, String::from_utf8(received).expect("utf-8"), clean)
+}
+
+/// The samples of `/metrics` counting broken streams.
+async fn broken_stream_metrics(gw: &Gateway) -> Vec<String> {
+    let text = client().get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.expect("text");
+    text.lines().filter(|l| l.contains("kind=\"stream-broken\"")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_ends_cleanly_without_done_is_complete() {
+    let sim = Sim::start(&[]).await;
+    let events = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+    let backend = RawBackend::start(vec![
+        Step::Send(SSE_HEAD.to_vec()),
+        Step::Send(chunk(events)),
+        Step::Send(LAST_CHUNK.to_vec()),
+    ])
+    .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert!(clean, "the body ended cleanly");
+    assert_eq!(body, events, "passed as it came");
+    let log = gw.proc.request_log(&id).await;
+    assert!(log.get("stream_incomplete").is_none(), "{log}");
+    assert_eq!(broken_stream_metrics(&gw).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_keeps_sending_outlives_the_total_timeout() {
+    let sim = Sim::start(&[]).await;
+    let mut script = vec![Step::Send(SSE_HEAD.to_vec())];
+    for _ in 0..8 {
+        script.push(Step::Send(chunk("data: tick\n\n")));
+        script.push(Step::Pause(Duration::from_millis(300)));
+    }
+    script.push(Step::Send(LAST_CHUNK.to_vec()));
+    let backend = RawBackend::start(script).await;
+    let gw = gateway_before(&backend, &sim, "timeout-secs = 1\nstream-idle-timeout-secs = 2").await;
+    let started = Instant::now();
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert!(started.elapsed() > Duration::from_secs(2), "the stream lasted longer than timeout-secs");
+    assert!(clean, "not cut");
+    assert_eq!(body, "data: tick\n\n".repeat(8));
+    assert!(gw.proc.request_log(&id).await.get("stream_incomplete").is_none());
+}
+
+#[tokio::test]
+async fn a_passthrough_stream_that_goes_idle_is_ended() {
+    let sim = Sim::start(&[]).await;
+    let mut backend =
+        RawBackend::start(vec![Step::Send(SSE_HEAD.to_vec()), Step::Send(chunk("data: hello\n\n")), Step::HoldOpen])
+            .await;
+    let gw = gateway_before(&backend, &sim, "stream-idle-timeout-secs = 1").await;
+    let (id, body, clean) = passthrough_stream(&gw).await;
+    assert_eq!(body, "data: hello\n\n");
+    assert!(!clean, "a cut stream must not look whole");
+    backend.wait_closed().await;
+    assert_eq!(gw.proc.request_log(&id).await["stream_incomplete"], true);
+    assert_eq!(broken_stream_metrics(&gw).await.len(), 1, "counted as broken by the backend");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_passthrough_stream_lets_the_backend_go() {
+    let sim = Sim::start(&[]).await;
+    let mut backend =
+        RawBackend::start(vec![Step::Send(SSE_HEAD.to_vec()), Step::Send(chunk("data: hello\n\n")), Step::HoldOpen])
+            .await;
+    let gw = gateway_before(&backend, &sim, "").await;
+    let response = client().get(format!("{}/agents/events", gw.url)).header("api-key", KEY).send().await.expect("send");
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let mut body = response.bytes_stream();
+    assert_eq!(body.next().await.expect("a chunk").expect("bytes"), "data: hello\n\n");
+    drop(body);
+    // The backend never ends this stream and the idle timeout is 60 s: only the gateway letting go
+    // of it closes the connection within the wait.
+    backend.wait_closed().await;
+    assert_eq!(gw.proc.request_log(&id).await["client_disconnected"], true);
 }

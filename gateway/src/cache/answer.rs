@@ -16,6 +16,18 @@ use serde_json::{Map, Value, json};
 /// enough that a long answer is not thousands of events.
 const WORDS_PER_CHUNK: usize = 4;
 
+/// Most choices a stream may carry: OpenAI's `n` is at most 128. The choice list is sized from the
+/// backend's `index`, so a larger one (4000000000 from a broken or hostile backend) would make the
+/// gateway allocate without bound.
+pub const MAX_CHOICES: usize = 128;
+/// Most tool calls one choice may make, for the same reason: a request names at most 128 tools and
+/// a model calls one several times in parallel at most; 1024 leaves room for that.
+pub const MAX_TOOL_CALLS: usize = 1024;
+/// Most chunk data an answer is assembled from. Far more than any completion a model writes
+/// (128k tokens are about 512 KiB of text, a few MiB as chunks); beyond it the answer is not
+/// assembled (so not cached) while the stream itself goes on.
+const MAX_ASSEMBLED_BYTES: usize = 16 * 1024 * 1024;
+
 /// Whether a completion is worth caching: every choice ended on its own (`stop`, or asking for
 /// tools). A `length` cut-off or a content filter depends on more than the prompt.
 pub fn is_cacheable(completion: &Value) -> bool {
@@ -32,8 +44,11 @@ pub struct StreamAssembler {
     head: Map<String, Value>,
     choices: Vec<ChoiceParts>,
     usage: Option<Value>,
-    /// A chunk that was not a JSON object: the stream is not one we can reproduce.
+    /// A chunk that was not a JSON object, or more text than [`MAX_ASSEMBLED_BYTES`]: the stream
+    /// is not one we can reproduce.
     unreadable: bool,
+    /// Chunk data taken so far, towards [`MAX_ASSEMBLED_BYTES`].
+    held_bytes: usize,
 }
 
 #[derive(Default)]
@@ -60,11 +75,21 @@ fn append(target: &mut Option<String>, piece: Option<&str>) {
 }
 
 impl StreamAssembler {
-    /// Takes the payload of one `data:` line (not `[DONE]`).
-    pub fn push(&mut self, data: &[u8]) {
+    /// Takes the payload of one `data:` line (not `[DONE]`). An error says which bound a chunk
+    /// broke (a choice or tool-call index beyond [`MAX_CHOICES`] or [`MAX_TOOL_CALLS`]): the
+    /// stream is not one an OpenAI-compatible backend sends, and must not be relayed further.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), &'static str> {
+        if self.unreadable {
+            return Ok(());
+        }
+        self.held_bytes += data.len();
+        if self.held_bytes > MAX_ASSEMBLED_BYTES {
+            *self = Self { unreadable: true, ..Self::default() };
+            return Ok(());
+        }
         let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
             self.unreadable = true;
-            return;
+            return Ok(());
         };
         for field in ["id", "created", "model", "system_fingerprint", "service_tier"] {
             if let Some(value) = chunk.get(field).filter(|v| !v.is_null()) {
@@ -76,7 +101,7 @@ impl StreamAssembler {
         }
         for choice in chunk.get("choices").and_then(Value::as_array).into_iter().flatten() {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let Ok(index) = usize::try_from(index) else { continue };
+            let index = usize::try_from(index).ok().filter(|i| *i < MAX_CHOICES).ok_or("a choice index beyond 127")?;
             if index >= self.choices.len() {
                 self.choices.resize_with(index + 1, ChoiceParts::default);
             }
@@ -91,7 +116,9 @@ impl StreamAssembler {
             append(&mut parts.content, delta.get("content").and_then(Value::as_str));
             append(&mut parts.refusal, delta.get("refusal").and_then(Value::as_str));
             for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
-                let i = call.get("index").and_then(Value::as_u64).and_then(|i| usize::try_from(i).ok()).unwrap_or(0);
+                let i = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let i =
+                    usize::try_from(i).ok().filter(|i| *i < MAX_TOOL_CALLS).ok_or("a tool-call index beyond 1023")?;
                 if i >= parts.tool_calls.len() {
                     parts.tool_calls.resize_with(i + 1, ToolCallParts::default);
                 }
@@ -108,6 +135,7 @@ impl StreamAssembler {
                 }
             }
         }
+        Ok(())
     }
 
     /// The assembled completion, or `None` when the chunks do not make a whole one.
@@ -260,7 +288,7 @@ mod tests {
     fn reassemble(stream: &Bytes) -> Value {
         let mut assembler = StreamAssembler::default();
         for data in events(stream).iter().filter(|d| *d != "[DONE]") {
-            assembler.push(data.as_bytes());
+            assembler.push(data.as_bytes()).expect("within bounds");
         }
         assembler.finish().expect("a whole completion")
     }
@@ -297,7 +325,7 @@ mod tests {
             r#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#,
         ];
         for chunk in chunks {
-            assembler.push(chunk.as_bytes());
+            assembler.push(chunk.as_bytes()).expect("within bounds");
         }
         let assembled = assembler.finish().expect("whole");
         assert!(is_cacheable(&assembled));
@@ -314,7 +342,7 @@ mod tests {
         cut["choices"][0]["finish_reason"] = "length".into();
         assert!(!is_cacheable(&cut));
         let mut assembler = StreamAssembler::default();
-        assembler.push(b"not json");
+        assembler.push(b"not json").expect("not json is not out of bounds");
         assert!(assembler.finish().is_none());
         assert!(StreamAssembler::default().finish().is_none());
     }
@@ -333,5 +361,31 @@ mod tests {
             assert_eq!(pieces.concat(), text);
         }
         assert_eq!(word_groups("a b c d e", 2), vec!["a b ", "c d ", "e"]);
+    }
+
+    #[test]
+    fn indexes_beyond_the_bounds_are_refused_before_anything_is_sized_from_them() {
+        let chunk = |choice: usize, call: usize| {
+            format!(
+                r#"{{"choices":[{{"index":{choice},"delta":{{"tool_calls":[{{"index":{call},"function":{{"name":"f"}}}}]}}}}]}}"#
+            )
+        };
+        let mut assembler = StreamAssembler::default();
+        assert_eq!(assembler.push(chunk(MAX_CHOICES - 1, MAX_TOOL_CALLS - 1).as_bytes()), Ok(()));
+        assert_eq!(assembler.push(chunk(MAX_CHOICES, 0).as_bytes()), Err("a choice index beyond 127"));
+        assert_eq!(assembler.push(chunk(4_000_000_000, 0).as_bytes()), Err("a choice index beyond 127"));
+        assert_eq!(assembler.push(chunk(0, MAX_TOOL_CALLS).as_bytes()), Err("a tool-call index beyond 1023"));
+        assert_eq!(assembler.push(chunk(0, 4_000_000_000).as_bytes()), Err("a tool-call index beyond 1023"));
+        assert_eq!(assembler.choices.len(), MAX_CHOICES);
+    }
+
+    #[test]
+    fn an_answer_beyond_the_assembly_bound_is_given_up() {
+        let mut assembler = StreamAssembler::default();
+        let piece = format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#, "x".repeat(64 * 1024));
+        for _ in 0..=MAX_ASSEMBLED_BYTES / piece.len() {
+            assert_eq!(assembler.push(piece.as_bytes()), Ok(()));
+        }
+        assert!(assembler.finish().is_none(), "too long to assemble");
     }
 }

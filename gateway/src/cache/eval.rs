@@ -112,7 +112,7 @@ pub async fn run(
             let source = "the quickstart configuration (policies/quickstart.toml)".to_owned();
             // The simulator's address does not matter here: nothing is sent to it.
             let keys = crate::quickstart::Keys { demo: "cache-eval".to_owned(), admin: "cache-eval-admin".to_owned() };
-            let config = crate::quickstart::config(&keys, "http://127.0.0.1:8081")
+            let config = crate::quickstart::config(&keys)
                 .map_err(|e| EvalError::Config { source: source.clone(), detail: e.to_string() })?;
             (config, source)
         }

@@ -204,9 +204,13 @@ pub struct BackendConfig {
     pub auth: BackendAuthConfig,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Bounds the whole exchange, streamed body included (and so the drain after a client left).
+    /// Bounds the whole exchange, streamed body included (and so the drain after a client left);
+    /// for an `http` API's stream only the wait for the answer's head.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Ends an `http` API's stream (an agent's SSE, an MCP stream) after this long without a byte.
+    #[serde(default = "default_stream_idle_timeout_secs")]
+    pub stream_idle_timeout_secs: u64,
     /// Without one the backend is never taken out of traffic (its failures are still counted).
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
@@ -302,6 +306,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_timeout_secs() -> u64 {
     300
 }
+fn default_stream_idle_timeout_secs() -> u64 {
+    60
+}
 
 impl BackendConfig {
     pub fn connect_timeout(&self) -> Duration {
@@ -309,6 +316,9 @@ impl BackendConfig {
     }
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_timeout_secs)
     }
 }
 
@@ -433,6 +443,7 @@ fn yes() -> bool {
 #[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum PolicyConfig {
     SetHeader(SetHeaderConfig),
+    SetVariable(SetVariableConfig),
     SetBackendService(SetBackendServiceConfig),
     TokenLimit(TokenLimitConfig),
     RateLimitByKey(CallLimitConfig),
@@ -446,6 +457,7 @@ impl PolicyConfig {
     pub fn name(&self) -> &'static str {
         match self {
             Self::SetHeader(_) => "set-header",
+            Self::SetVariable(_) => "set-variable",
             Self::SetBackendService(_) => "set-backend-service",
             Self::TokenLimit(_) => "token-limit",
             Self::RateLimitByKey(_) => "rate-limit-by-key",
@@ -453,6 +465,28 @@ impl PolicyConfig {
             Self::SemanticCacheLookup(_) => "semantic-cache-lookup",
             Self::SemanticCacheStore(_) => "semantic-cache-store",
             Self::EmitTokenMetric(_) => "emit-token-metric",
+        }
+    }
+
+    /// The policy's templates, each with its field's path under the policy.
+    fn templates<'a>(&'a self) -> Vec<(String, &'a str)> {
+        let one = |field: &str, template: &'a str| vec![(field.to_owned(), template)];
+        match self {
+            Self::SetHeader(p) => p.value.as_deref().map_or_else(Vec::new, |value| one("value", value)),
+            Self::SetVariable(p) => one("value", &p.value),
+            Self::TokenLimit(TokenLimitConfig { counter_key, .. })
+            | Self::RateLimitByKey(CallLimitConfig { counter_key, .. })
+            | Self::QuotaByKey(CallLimitConfig { counter_key, .. }) => one("counter-key", counter_key),
+            Self::SemanticCacheLookup(p) => {
+                p.vary_by.iter().enumerate().map(|(i, t)| (format!("vary-by[{i}]"), t.as_str())).collect()
+            }
+            Self::EmitTokenMetric(p) => p
+                .dimensions
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| Some((format!("dimensions[{i}].value"), d.value.as_deref()?)))
+                .collect(),
+            Self::SetBackendService(_) | Self::SemanticCacheStore(_) => Vec::new(),
         }
     }
 }
@@ -561,6 +595,11 @@ pub struct SemanticCacheLookupConfig {
     /// the backend (an embeddings backend's own timeout is meant for long calls).
     #[serde(default = "default_embedding_timeout_ms")]
     pub embeddings_timeout_ms: u64,
+    /// Why the lookup is switched off, when it is: every request then bypasses the cache with this reason. Never
+    /// read from a document (`aigw serve` refuses to start without its embeddings instead); `aigw quickstart` sets
+    /// it when the local model is missing, so a first run works before the model is installed.
+    #[serde(skip)]
+    pub switched_off: Option<&'static str>,
 }
 
 fn default_embedding_timeout_ms() -> u64 {
@@ -659,6 +698,16 @@ pub enum ExistsAction {
     Delete,
 }
 
+/// API Management's set-variable: `{variable.<name>}` for the policies after it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetVariableConfig {
+    /// Letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// A template (see `policy::template`).
+    pub value: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SetBackendServiceConfig {
@@ -740,6 +789,9 @@ impl Config {
             if backend.timeout_secs == 0 || backend.connect_timeout_ms == 0 {
                 return Err(ConfigError::at(at("timeout-secs"), "timeouts must be greater than 0"));
             }
+            if backend.stream_idle_timeout_secs == 0 {
+                return Err(ConfigError::at(at("stream-idle-timeout-secs"), "must be greater than 0"));
+            }
             match &backend.auth {
                 BackendAuthConfig::None => {}
                 BackendAuthConfig::ApiKey { env: var, header } => {
@@ -819,10 +871,31 @@ impl Config {
             }
             let sections = [("inbound", &api.inbound), ("outbound", &api.outbound), ("on-error", &api.on_error)];
             let mut picks_backend = false;
+            // Variables set so far in pipeline order: a template may read only these, so an unset
+            // variable never renders as empty text in a counter key or a cache partition.
+            let mut variables = std::collections::HashSet::new();
             for (section, policies) in sections {
                 for (i, policy) in policies.iter().enumerate() {
                     let at = |field: &str| format!("apis.{id}.{section}[{i}].{field}");
+                    for (field, template) in policy.templates() {
+                        // A template that does not parse is reported by its policy's check below.
+                        let Ok(template) = crate::policy::template::Template::parse(template) else { continue };
+                        if let Some(name) = template.variables().find(|name| !variables.contains(*name)) {
+                            let message =
+                                format!("{{variable.{name}}} is not set by a set-variable policy before this one");
+                            return Err(ConfigError::at(at(&field), message));
+                        }
+                    }
                     match policy {
+                        PolicyConfig::SetVariable(p) => {
+                            let valid_name = !p.name.is_empty()
+                                && p.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                            if !valid_name {
+                                return Err(ConfigError::at(at("name"), "letters, digits, '-', '_' and '.' only"));
+                            }
+                            validate_template(&p.value, at("value"))?;
+                            variables.insert(p.name.clone());
+                        }
                         PolicyConfig::SetBackendService(p) => {
                             if section != "inbound" {
                                 return Err(ConfigError::at(at("policy"), "set-backend-service belongs in inbound"));
@@ -1149,6 +1222,33 @@ mod tests {
         let message = err(&text);
         assert!(message.starts_with("apis.aoai.bakend: "), "{message}");
         assert!(message.contains("bakend"), "{message}");
+    }
+
+    #[test]
+    fn a_variable_must_be_set_earlier_in_the_pipeline() {
+        let with = |inbound: &str, outbound: &str| {
+            MINIMAL.replace(
+                "outbound = [{ policy = \"set-header\", name = \"x-team\", value = \"{subscription.team}\" }]",
+                &format!("inbound = [{inbound}]\noutbound = [{outbound}]"),
+            )
+        };
+        let set = r#"{ policy = "set-variable", name = "user", value = "{request.header.x-user}" }"#;
+        let limit =
+            r#"{ policy = "rate-limit-by-key", counter-key = "{variable.user}", calls = 5, renewal-period = 10 }"#;
+        let header = r#"{ policy = "set-header", name = "x-user", value = "{variable.user}" }"#;
+        Config::parse(&with(&format!("{set}, {limit}"), header), &no_env).expect("set before use");
+        let message = err(&with(&format!("{limit}, {set}"), ""));
+        assert_eq!(
+            message,
+            "apis.aoai.inbound[0].counter-key: {variable.user} is not set by a set-variable policy before this one"
+        );
+        let message = err(&with("", header));
+        assert!(message.starts_with("apis.aoai.outbound[0].value: {variable.user} is not set"), "{message}");
+        let lookup = r#"{ policy = "semantic-cache-lookup", vary-by = ["{subscription.id}", "{variable.tier}"] }"#;
+        let message = err(&with(&format!("{set}, {lookup}"), ""));
+        assert!(message.starts_with("apis.aoai.inbound[1].vary-by[1]: {variable.tier} is not set"), "{message}");
+        let message = err(&with(r#"{ policy = "set-variable", name = "a b", value = "x" }"#, ""));
+        assert!(message.starts_with("apis.aoai.inbound[0].name: "), "{message}");
     }
 
     #[test]

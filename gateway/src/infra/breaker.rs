@@ -46,10 +46,13 @@ impl Breaker {
         timeout: Duration,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        if !self.allows() {
+        let Some(mut leave) = self.allows() else {
             return Err("breaker open".to_owned());
-        }
-        match tokio::time::timeout(timeout, call).await {
+        };
+        let outcome = tokio::time::timeout(timeout, call).await;
+        // The outcome is recorded below: nothing for the guard to release.
+        leave.probe = false;
+        match outcome {
             Ok(Ok(reply)) => {
                 self.succeeded();
                 Ok(reply)
@@ -69,14 +72,16 @@ impl Breaker {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn allows(&self) -> bool {
+    /// Leave to call Redis, or `None` while the breaker is open.
+    fn allows(&self) -> Option<Leave<'_>> {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Some(Leave { breaker: self, probe: false });
         }
         // Open: after the cool-down, exactly one caller probes.
-        self.now_ms() >= until
-            && self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        let probe = self.now_ms() >= until
+            && self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        probe.then_some(Leave { breaker: self, probe })
     }
 
     fn succeeded(&self) {
@@ -95,6 +100,23 @@ impl Breaker {
             if was_closed {
                 tracing::warn!(cooldown_ms = self.cooldown_ms, "{} unavailable; {}", self.name, self.while_open);
             }
+        }
+    }
+}
+
+/// Leave for one call. A probe whose caller was cancelled mid-call (a client that went away drops
+/// the request's future) never reaches `succeeded` or `failed`; dropping its leave frees the probe
+/// slot, or Redis would stay switched off until restart.
+struct Leave<'a> {
+    breaker: &'a Breaker,
+    /// This call probes an open breaker and its outcome is not recorded yet.
+    probe: bool,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.probing.store(false, Ordering::Release);
         }
     }
 }

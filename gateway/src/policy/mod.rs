@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod semantic_cache;
 pub mod set_backend_service;
 pub mod set_header;
+pub mod set_variable;
 pub mod subscription_key;
 pub mod template;
 pub mod token_limit;
@@ -100,6 +101,7 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
     let id = POLICY_IDS.fetch_add(1, Ordering::Relaxed);
     Ok(match config {
         PolicyConfig::SetHeader(c) => Box::new(set_header::SetHeader::new(c)?),
+        PolicyConfig::SetVariable(c) => Box::new(set_variable::SetVariable::new(c)?),
         PolicyConfig::TokenLimit(c) => Box::new(token_limit::TokenLimit::new(id, c, deps.counters.clone())?),
         PolicyConfig::RateLimitByKey(c) => {
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Rate, c, deps.counters.clone())?)
@@ -108,7 +110,10 @@ fn build_policy(config: &PolicyConfig, deps: &PolicyDeps<'_>) -> Result<Box<dyn 
             Box::new(call_limit::CallLimit::new(id, call_limit::CallLimitKind::Quota, c, deps.counters.clone())?)
         }
         PolicyConfig::SemanticCacheLookup(c) => {
-            let embedder = deps.cache.embedder(&c.embeddings)?;
+            let embedder = match c.switched_off {
+                Some(reason) => Err(reason),
+                None => Ok(deps.cache.embedder(&c.embeddings)?),
+            };
             Box::new(semantic_cache::SemanticCacheLookup::new(c, embedder, deps.cache.store()?)?)
         }
         PolicyConfig::SemanticCacheStore(c) => {

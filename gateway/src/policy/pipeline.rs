@@ -12,9 +12,9 @@
 //! 3. **outbound**: once the backend's response head is in (and for JSON, its body and usage).
 //! 4. **on-error**: instead of outbound, when any step failed; may edit the error response.
 //!    Then every policy may add its response headers (limit policies report what is left).
-//! 5. **completed**: after the last byte (the backend's stream is read to its end even when the
-//!    client left), with the usage known, and always off the response path (in a task of its
-//!    own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
+//! 5. **completed**: after the last byte (an OpenAI stream is read to its end even when the
+//!    client left; an `http` API's stream is let go), with the usage known, and always off the
+//!    response path (in a task of its own). Accounting (token limits, emit-token-metric) hooks in here; then the call's usage is
 //!    appended to the ledger, the gateway's own metrics are recorded, and the request log line
 //!    is written.
 //!
@@ -166,16 +166,17 @@ impl Pipeline {
             for policy in &self.outbound {
                 policy.outbound(ctx, &mut upstream.head).await?;
             }
-            let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
-            let mut relay = SseRelay::new(strip_usage);
-            if self.outbound.iter().any(|p| p.wants_answer(ctx)) {
-                relay = relay.assembling();
-            }
+            // An `http` API's stream is not OpenAI's: it passes as it comes (see `proxy::relay`).
+            let relay = (ctx.operation != Operation::Passthrough).then(|| {
+                let strip_usage = matches!(ctx.payload(), Some(Payload::Chat(chat)) if !chat.client_wants_usage);
+                let relay = SseRelay::new(strip_usage);
+                if self.outbound.iter().any(|p| p.wants_answer(ctx)) { relay.assembling() } else { relay }
+            });
             let (response, relay) = upstream.into_stream(relay);
             return Ok((response, Some(relay)));
         }
 
-        let (mut head, bytes) = upstream.into_bytes().await?;
+        let (mut head, bytes) = upstream.into_bytes(ctx.started).await?;
         if head.status.is_success() && matches!(ctx.operation, Operation::ChatCompletions | Operation::Embeddings) {
             ctx.usage = usage_of_response(&bytes);
             if self.outbound.iter().any(|p| p.wants_answer(ctx)) {

@@ -14,7 +14,8 @@
 //!
 //! Skipped (`bypass`): other operations, conversations longer than `max-message-count`, requests
 //! carrying tool results, prompts with non-text parts, and prompts longer than the embedding model
-//! reads (it would compare only their beginnings).
+//! reads (it would compare only their beginnings). Every request skips a lookup that is switched off
+//! (`aigw quickstart` without its embeddings model).
 //!
 //! The lookup fails open: when the embeddings source or the store fails, the request goes to the
 //! backend (`x-llm-cache-status: error`). A hit is answered in the form the client asked for
@@ -72,7 +73,8 @@ pub struct SemanticCacheLookup {
     ignore_system_messages: bool,
     max_message_count: Option<usize>,
     bypass_tool_results: bool,
-    embedder: Arc<dyn Embedder>,
+    /// Where prompt embeddings come from, or why the lookup is switched off.
+    embedder: Result<Arc<dyn Embedder>, &'static str>,
     embeddings_timeout: Duration,
     store: Arc<dyn CacheStore>,
     warnings: Throttle,
@@ -87,7 +89,7 @@ struct CacheKey {
 impl SemanticCacheLookup {
     pub fn new(
         config: &SemanticCacheLookupConfig,
-        embedder: Arc<dyn Embedder>,
+        embedder: Result<Arc<dyn Embedder>, &'static str>,
         store: Arc<dyn CacheStore>,
     ) -> Result<Self, String> {
         Ok(Self {
@@ -104,7 +106,7 @@ impl SemanticCacheLookup {
     }
 
     /// The request's partition and prompt text, or why it skips the cache.
-    fn key(&self, ctx: &RequestContext, chat: &ChatRequest) -> Result<CacheKey, &'static str> {
+    fn key(&self, embedder: &dyn Embedder, ctx: &RequestContext, chat: &ChatRequest) -> Result<CacheKey, &'static str> {
         let messages = chat.body.get("messages").and_then(Value::as_array).ok_or("no messages")?;
         if self.max_message_count.is_some_and(|max| messages.len() > max) {
             return Err("conversation longer than max-message-count");
@@ -118,7 +120,7 @@ impl SemanticCacheLookup {
         for template in &self.vary_by {
             field("vary-by", &template.render(ctx));
         }
-        field("space", self.embedder.space());
+        field("space", embedder.space());
         field("model", ctx.model().unwrap_or(""));
         for name in ANSWER_SHAPING_FIELDS {
             if let Some(value) = chat.body.get(name).filter(|v| !v.is_null()) {
@@ -148,7 +150,7 @@ impl SemanticCacheLookup {
         if prompt.trim().is_empty() {
             return Err("no prompt text");
         }
-        if self.embedder.truncates(&prompt) {
+        if embedder.truncates(&prompt) {
             return Err("prompt longer than the embedding model reads");
         }
         Ok(CacheKey { partition: hex::encode(&hasher.finalize()[..16]), prompt })
@@ -228,18 +230,21 @@ fn hit_response(chat: &ChatRequest, answer: &Bytes) -> Option<Response> {
 #[async_trait]
 impl Policy for SemanticCacheLookup {
     async fn inbound(&self, ctx: &mut RequestContext) -> Result<Flow, GatewayError> {
-        let key = match (ctx.operation, ctx.payload()) {
-            (Operation::ChatCompletions, Some(Payload::Chat(chat))) => self.key(ctx, chat),
+        let keyed = match (&self.embedder, ctx.operation, ctx.payload()) {
+            (Err(switched_off), _, _) => Err(*switched_off),
+            (Ok(embedder), Operation::ChatCompletions, Some(Payload::Chat(chat))) => {
+                self.key(embedder.as_ref(), ctx, chat).map(|key| (embedder, key))
+            }
             _ => Err("not a chat completion"),
         };
-        let key = match key {
-            Ok(key) => key,
+        let (embedder, key) = match keyed {
+            Ok(keyed) => keyed,
             Err(reason) => {
                 ctx.cache = Some(CacheState::new(CacheStatus::Bypass).because(reason));
                 return Ok(Flow::Continue);
             }
         };
-        let embedded = tokio::time::timeout(self.embeddings_timeout, self.embedder.embed(&key.prompt)).await;
+        let embedded = tokio::time::timeout(self.embeddings_timeout, embedder.embed(&key.prompt)).await;
         let vector = match embedded {
             Ok(Ok(vector)) => vector,
             Ok(Err(error)) => {

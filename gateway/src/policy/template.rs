@@ -4,7 +4,8 @@
 //!
 //! Placeholders: `subscription.id`, `subscription.name`, `subscription.team`, `api.id`,
 //! `operation.id`, `request.id`, `client.ip`, `model`, `backend.id`, `cache.status` (hit, miss,
-//! bypass, error; `none` without a cache lookup), `request.header.<name>`, `variable.<name>`.
+//! bypass, error; `none` without a cache lookup), `request.header.<name>`, `variable.<name>` (set
+//! by an earlier `set-variable` policy).
 //! `{{` and `}}` stand for literal braces.
 
 use std::fmt::Write;
@@ -66,6 +67,14 @@ impl Template {
         Ok(Self { segments })
     }
 
+    /// The names of the variables (`{variable.<name>}`) this template reads.
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Variable(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
     /// Whether rendering needs the parsed body (the model comes from it).
     pub fn reads_body(&self) -> bool {
         self.segments.iter().any(|s| matches!(s, Segment::Model))
@@ -80,7 +89,9 @@ impl Template {
     }
 
     /// The value for this request; placeholders with no value (no subscription yet, a missing
-    /// header) render as empty text.
+    /// header) render as empty text. A variable is always set by then, since start-up checks that
+    /// a set-variable comes first (see `policy::set_variable`), except in on-error after a
+    /// failure that came before the set-variable.
     pub fn render(&self, ctx: &RequestContext) -> String {
         let mut out = String::new();
         for segment in &self.segments {
@@ -160,5 +171,7 @@ mod tests {
         assert!(Template::parse("{cache.status}").is_ok());
         assert!(Template::parse("k={request.header.Api-Key}").expect("valid").reads_credential_header());
         assert!(!Template::parse("{request.header.x-user}").expect("valid").reads_credential_header());
+        let variables = Template::parse("{variable.user}-{team}-{variable.tier}").expect("valid");
+        assert_eq!(variables.variables().collect::<Vec<_>>(), ["user", "tier"]);
     }
 }

@@ -15,10 +15,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Flow, Policy, template::Template};
 use crate::config::{OnStoreFailure, QuotaPeriod, TokenLimitConfig};
-use crate::context::{Payload, RequestContext, Reservation};
+use crate::context::{Payload, RequestBody, RequestContext, Reservation};
 use crate::error::GatewayError;
 use crate::limits::{Admission, Counters, Limit, Period, Window};
-use crate::protocol::tokens::TokenEstimator;
+use crate::protocol::tokens::{PromptKind, TokenEstimator};
 
 pub struct TokenLimit {
     id: usize,
@@ -66,21 +66,25 @@ impl TokenLimit {
     }
 
     /// Tokens to reserve: the prompt's estimate and the completion the request may produce.
-    fn cost(&self, ctx: &RequestContext) -> u64 {
-        let estimator = TokenEstimator::global();
-        let model = ctx.model();
-        let cost = match ctx.payload() {
+    async fn cost(&self, ctx: &RequestContext) -> u64 {
+        let (kind, body, completion) = match ctx.payload() {
             Some(Payload::Chat(chat)) => {
-                let prompt = if self.estimate_prompt { estimator.chat_prompt_tokens(model, &chat.body) } else { 0 };
-                prompt + chat.max_tokens.unwrap_or(self.default_completion)
+                (PromptKind::Chat, &chat.body, chat.max_tokens.unwrap_or(self.default_completion))
             }
-            Some(Payload::Embeddings(embeddings)) if self.estimate_prompt => {
-                estimator.embedding_input_tokens(model, &embeddings.body)
-            }
-            _ => 0,
+            Some(Payload::Embeddings(embeddings)) => (PromptKind::Embeddings, &embeddings.body, 0),
+            _ => return 1,
+        };
+        let prompt = if self.estimate_prompt {
+            let body_len = match &ctx.request.body {
+                RequestBody::Read { raw, .. } => raw.len(),
+                RequestBody::Unread => 0,
+            };
+            TokenEstimator::global().prompt_tokens_off_worker(kind, ctx.model(), body, body_len).await
+        } else {
+            0
         };
         // A reservation of nothing would let a caller already at the limit through.
-        cost.max(1)
+        (prompt + completion).max(1)
     }
 
     fn limits(&self, key: &str) -> Vec<Limit> {
@@ -103,7 +107,7 @@ impl TokenLimit {
 #[async_trait]
 impl Policy for TokenLimit {
     async fn inbound(&self, ctx: &mut RequestContext) -> Result<Flow, GatewayError> {
-        let cost = self.cost(ctx);
+        let cost = self.cost(ctx).await;
         let limits = self.limits(&self.key.render(ctx));
         let (admission, source) = self
             .counters

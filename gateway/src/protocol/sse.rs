@@ -9,6 +9,11 @@ use bytes::{Bytes, BytesMut};
 use crate::cache::answer::StreamAssembler;
 use crate::protocol::openai::{Usage, usage_of_chunk};
 
+/// Longest event the relay holds while it waits for the event's blank line. OpenAI's chunks are a
+/// few hundred bytes and one of the longest answers in a single event is well under 1 MiB; without
+/// a bound a backend that never sends a blank line would grow the buffer until memory runs out.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 pub struct SseRelay {
     pending: BytesMut,
     /// Drop usage-only chunks (the client did not ask for usage; the gateway did).
@@ -36,15 +41,17 @@ impl SseRelay {
         serde_json::to_vec(&completion).ok().map(Bytes::from)
     }
 
-    /// Takes the next piece of the backend's body and returns what may go to the client now.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+    /// Takes the next piece of the backend's body and returns what may go to the client now. An
+    /// error says which bound the backend's stream broke (an event longer than
+    /// [`MAX_EVENT_BYTES`], an index the assembler refuses): nothing more of it should be relayed.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Bytes, &'static str> {
         self.pending.extend_from_slice(chunk);
         let mut out: Option<BytesMut> = None;
         let mut scanned = 0;
         // `pending` up to `kept` is forwardable; events to drop are cut out as they are found.
         while let Some((event_len, boundary_len)) = next_event(&self.pending[scanned..]) {
             let event_end = scanned + event_len + boundary_len;
-            let drop_event = self.inspect(scanned, scanned + event_len);
+            let drop_event = self.inspect(scanned, scanned + event_len)?;
             if drop_event {
                 let keep = self.pending.split_to(scanned);
                 out.get_or_insert_with(BytesMut::new).extend_from_slice(&keep);
@@ -54,26 +61,29 @@ impl SseRelay {
                 scanned = event_end;
             }
         }
+        if self.pending.len() - scanned > MAX_EVENT_BYTES {
+            return Err("an event longer than 1 MiB");
+        }
         let ready = self.pending.split_to(scanned);
-        match out {
+        Ok(match out {
             None => ready.freeze(),
             Some(mut out) => {
                 out.extend_from_slice(&ready);
                 out.freeze()
             }
-        }
+        })
     }
 
     /// Whatever is left when the backend's body ends (a final event without its blank line).
-    pub fn finish(&mut self) -> Bytes {
+    pub fn finish(&mut self) -> Result<Bytes, &'static str> {
         if self.pending.is_empty() {
-            return Bytes::new();
+            return Ok(Bytes::new());
         }
         let len = self.pending.len();
-        if self.inspect(0, len) {
+        if self.inspect(0, len)? {
             self.pending.clear();
         }
-        self.pending.split().freeze()
+        Ok(self.pending.split().freeze())
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -86,7 +96,7 @@ impl SseRelay {
     }
 
     /// Records what the event at `pending[start..end]` says; true when it must not reach the client.
-    fn inspect(&mut self, start: usize, end: usize) -> bool {
+    fn inspect(&mut self, start: usize, end: usize) -> Result<bool, &'static str> {
         let event = &self.pending[start..end];
         let mut drop_event = false;
         for line in event.split(|&b| b == b'\n') {
@@ -97,15 +107,16 @@ impl SseRelay {
                 self.saw_done = true;
                 continue;
             }
-            if let Some(assembler) = &mut self.assembler {
-                assembler.push(data);
-            }
+            // Usage first: when the chunk breaks a bound, the usage it reports is still booked.
             if let Some(chunk) = usage_of_chunk(data) {
                 self.usage = Some(chunk.usage);
                 drop_event |= chunk.usage_only && self.strip_usage;
             }
+            if let Some(assembler) = &mut self.assembler {
+                assembler.push(data)?;
+            }
         }
-        drop_event
+        Ok(drop_event)
     }
 }
 
@@ -140,9 +151,9 @@ mod tests {
         let mut relay = SseRelay::new(strip_usage);
         let mut out = Vec::new();
         for chunk in STREAM.as_bytes().chunks(piece) {
-            out.extend_from_slice(&relay.push(chunk));
+            out.extend_from_slice(&relay.push(chunk).expect("within bounds"));
         }
-        out.extend_from_slice(&relay.finish());
+        out.extend_from_slice(&relay.finish().expect("within bounds"));
         (String::from_utf8(out).expect("utf-8"), relay)
     }
 
@@ -172,11 +183,24 @@ mod tests {
     #[test]
     fn forwards_complete_events_at_once_and_holds_partial_ones() {
         let mut relay = SseRelay::new(true);
-        assert_eq!(&relay.push(b"data: {\"a\":1}\n\ndata: {\"b\""), &b"data: {\"a\":1}\n\n"[..]);
-        assert_eq!(&relay.push(b":2}\r\n\r\n"), &b"data: {\"b\":2}\r\n\r\n"[..]);
+        assert_eq!(relay.push(b"data: {\"a\":1}\n\ndata: {\"b\""), Ok(Bytes::from_static(b"data: {\"a\":1}\n\n")));
+        assert_eq!(relay.push(b":2}\r\n\r\n"), Ok(Bytes::from_static(b"data: {\"b\":2}\r\n\r\n")));
         assert!(!relay.saw_done());
-        assert_eq!(&relay.push(b"data: [DONE]"), &b""[..]);
-        assert_eq!(&relay.finish(), &b"data: [DONE]"[..]);
+        assert_eq!(relay.push(b"data: [DONE]"), Ok(Bytes::new()));
+        assert_eq!(relay.finish(), Ok(Bytes::from_static(b"data: [DONE]")));
         assert!(relay.saw_done());
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_refused_at_the_bound() {
+        let mut relay = SseRelay::new(true);
+        assert_eq!(relay.push(b"data: {\"a\":1}\n\ndata: \""), Ok(Bytes::from_static(b"data: {\"a\":1}\n\n")));
+        let piece = vec![b'x'; 64 * 1024];
+        let mut held = 7;
+        while held + piece.len() <= MAX_EVENT_BYTES {
+            assert_eq!(relay.push(&piece), Ok(Bytes::new()));
+            held += piece.len();
+        }
+        assert_eq!(relay.push(&piece), Err("an event longer than 1 MiB"));
     }
 }

@@ -57,17 +57,45 @@ impl Upstream {
         event_stream && self.head.status.is_success()
     }
 
-    /// The client's response (its body fed by the relay) and the relay that feeds it.
-    pub fn into_stream(self, relay: SseRelay) -> (Response, StreamRelay) {
-        let (tx, rx) = mpsc::channel(32);
+    /// The client's response (its body fed by the relay) and the relay that feeds it; `relay`
+    /// reads an OpenAI stream's usage, `None` passes an `http` API's stream as it comes.
+    pub fn into_stream(self, relay: Option<SseRelay>) -> (Response, StreamRelay) {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
         let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
         let relay = StreamRelay::new(self.response, relay, tx, self.backend);
         (Response::from_parts(self.head, body), relay)
     }
 
-    /// Reads the whole body (bounded by the backend's timeout).
-    pub async fn into_bytes(self) -> Result<(ResponseHead, Bytes), GatewayError> {
-        let bytes = self.response.bytes().await.map_err(|e| self.backend.error(&e))?;
-        Ok((self.head, bytes))
+    /// Reads the whole body, within the backend's timeout from `started` (an `http` API's answer
+    /// is not bounded by the request's own timeout, see `Backend::send`) and [`MAX_ANSWER_BYTES`].
+    pub async fn into_bytes(self, started: std::time::Instant) -> Result<(ResponseHead, Bytes), GatewayError> {
+        let Self { backend, head, response } = self;
+        let deadline = tokio::time::Instant::from_std(started) + backend.timeout();
+        let bytes = tokio::time::timeout_at(deadline, read_answer(response, &backend))
+            .await
+            .map_err(|_| GatewayError::BackendTimeout { backend: backend.id.clone() })??;
+        Ok((head, bytes))
     }
+}
+
+/// Most of a backend's answer the gateway holds in memory: a JSON answer is read whole (for its
+/// usage, and for the cache). The largest answer OpenAI sends is a batch of 2048 embeddings of
+/// 3072 dimensions as JSON floats, about 126 MiB; beyond this a backend is broken or hostile.
+const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
+
+/// The backend's whole answer, or a 502 when it is (or says it will be) over [`MAX_ANSWER_BYTES`].
+async fn read_answer(mut upstream: reqwest::Response, backend: &Backend) -> Result<Bytes, GatewayError> {
+    let too_large =
+        || GatewayError::BackendInvalidResponse { backend: backend.id.clone(), detail: "an answer over 128 MiB" };
+    if upstream.content_length().is_some_and(|len| len > MAX_ANSWER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut answer = bytes::BytesMut::new();
+    while let Some(piece) = upstream.chunk().await.map_err(|e| backend.error(&e))? {
+        if answer.len() + piece.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        answer.extend_from_slice(&piece);
+    }
+    Ok(answer.freeze())
 }

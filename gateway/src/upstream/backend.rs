@@ -26,6 +26,7 @@ pub struct Backend {
     base: BaseUrl,
     credential: Credential,
     timeout: Duration,
+    stream_idle_timeout: Duration,
     client: reqwest::Client,
     /// Takes the backend out of traffic after repeated failures (see `circuit`).
     pub circuit: CircuitBreaker,
@@ -114,6 +115,7 @@ impl Backend {
             base: BaseUrl::parse(&config.url)?,
             credential,
             timeout: config.timeout(),
+            stream_idle_timeout: config.stream_idle_timeout(),
             client,
             circuit: CircuitBreaker::new(id, config.circuit_breaker.as_ref(), Arc::new(SystemClock)),
         })
@@ -126,6 +128,11 @@ impl Backend {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// How long an `http` API's stream may go without a byte.
+    pub fn stream_idle_timeout(&self) -> Duration {
+        self.stream_idle_timeout
     }
 
     /// The circuit breaker's state and counters (lock-free reads), for `/ready` and metrics.
@@ -212,9 +219,19 @@ impl Backend {
             headers.insert(HeaderName::from_static("x-request-id"), id);
         }
         let url = self.url_for(ctx)?;
-        let request = self.client.request(ctx.request.method.clone(), url).headers(headers).timeout(self.timeout);
+        let request = self.client.request(ctx.request.method.clone(), url).headers(headers);
         let request = if body.is_empty() { request } else { request.body(body) };
-        request.send().await.map_err(|e| self.error(&e))
+        if ctx.operation != Operation::Passthrough {
+            return request.timeout(self.timeout).send().await.map_err(|e| self.error(&e));
+        }
+        // An `http` API's stream may outlive the total timeout while it keeps sending (an agent's
+        // SSE, an MCP stream): here it bounds only the wait for the answer's head. The relay
+        // bounds a stream by `stream-idle-timeout-secs`, and the pipeline a buffered answer by
+        // the total timeout.
+        match tokio::time::timeout(self.timeout, request.send()).await {
+            Ok(sent) => sent.map_err(|e| self.error(&e)),
+            Err(_) => Err(GatewayError::BackendTimeout { backend: self.id.clone() }),
+        }
     }
 
     /// A JSON embeddings POST made on the gateway's own behalf (no client request to forward), with the
