@@ -1,6 +1,14 @@
 //! aigw: an AI gateway that reproduces API Management's AI policy chain in front of OpenAI-compatible
-//! and Azure OpenAI backends. `server` is the front door, `policy` the pipeline each request runs
-//! through, `config` the document that declares it all.
+//! and Azure OpenAI backends.
+//!
+//! A request's path: `server` (routes, request id) builds the `context`, then the API's
+//! `policy::pipeline` runs the inbound policies, reads the body (`proxy::body`, validated by
+//! `protocol`), sends it (`proxy::failover` over `upstream`: pools, circuit breakers, backends),
+//! hands the answer back (`proxy::forward`, or `proxy::relay` for a stream) through the outbound
+//! policies, and completes it off the response path (accounting, `ledger`, `metrics`,
+//! `access_log`). `app` builds all of it from `config`, choosing Redis or memory once for
+//! `limits`, `cache` and `ledger`; `infra` holds the clock, the Redis connection and breaker.
+//! The README's "Layout" section has the same path with the context field each step writes.
 
 pub mod access_log;
 pub mod admin;
