@@ -35,7 +35,11 @@ IMAGE_UID = 10001
 
 
 def check_config(path, env_vars: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **{name: f"placeholder-{name.lower()}" for name in env_vars})
+    """`aigw check-config` with each named variable set: a placeholder, or a URL of the right scheme
+    for a Redis URL (the value is parsed, never connected to)."""
+    env = dict(os.environ)
+    for name in env_vars:
+        env[name] = "redis://127.0.0.1:6399/0" if name.endswith("REDIS_URL") else f"placeholder-{name.lower()}"
     return subprocess.run(
         [str(BIN_DIR / "aigw"), "check-config", str(path)], env=env, capture_output=True, text=True, timeout=30
     )
@@ -332,10 +336,7 @@ def test_app_service_config_is_valid(tmp_path, with_redis):
     path = tmp_path / "config.toml"
     path.write_text(rendered_app_service_config(with_redis))
     # A redis:// URL: today's gateway refuses the rediss:// the app setting holds (issue 17).
-    env = {"AIGW_REDIS_URL": "redis://127.0.0.1:6399"} if with_redis else {}
-    done = subprocess.run(
-        [str(BIN_DIR / "aigw"), "check-config", str(path)], env=dict(os.environ, **env), capture_output=True, text=True, timeout=30
-    )
+    done = check_config(path, ["AIGW_REDIS_URL"] if with_redis else [])
     assert done.returncode == 0, done.stderr
 
 
