@@ -1,242 +1,76 @@
-// aigw on Azure Container Apps: a Log Analytics workspace, a Container Apps environment, a
-// user-assigned managed identity, and the gateway app (min 2 replicas, ingress on 8080, probes).
+// aigw on Azure App Service, laid out as the reference sample deploys its gateway: `azd up` from the
+// repository root (azure.yaml) provisions this template, then builds infra/Dockerfile, pushes the
+// image to the registry below and points the web app (and nothing else) at it.
 //
-//   az deployment group create -g my-rg -f infra/azure/main.bicep \
-//     -p image=myregistry.azurecr.io/aigw:0.1.0 \
-//        azureOpenAiEndpoint=https://my-resource.openai.azure.com \
-//        keyVaultName=my-vault
-//
-// Secrets live in Key Vault and are read by the managed identity (Key Vault references), so no
-// secret value passes through this template. Expected vault secrets: `aoai-api-key` (the Azure
-// OpenAI key; aigw authenticates to backends with an api-key header), `aigw-platform-key` (the
-// platform subscription key) and `aigw-admin-key` (the admin API's key, for /admin/chargeback). The identity also pulls the image when `registryServer` is set.
+// Subscription scope so `azd up` can create the resource group; everything else is in
+// appservice.bicep. Parameters come from main.parameters.json (azd fills in the environment name and
+// location, and asks for the rest).
 
-targetScope = 'resourceGroup'
+targetScope = 'subscription'
 
-@description('Name prefix for all resources.')
+@description('azd environment name; names the resource group and prefixes every resource.')
 @minLength(3)
 @maxLength(20)
-param name string = 'aigw'
+param environmentName string
 
-param location string = resourceGroup().location
+@description('Region of every resource.')
+param location string
 
-@description('Container image built from infra/Dockerfile, e.g. myregistry.azurecr.io/aigw:0.1.0.')
-param image string
+@description('Name of the existing Azure OpenAI (or AI Services) account the gateway fronts.')
+param openAiAccountName string
 
-@description('Azure OpenAI resource endpoint the gateway fronts, e.g. https://my-resource.openai.azure.com.')
-param azureOpenAiEndpoint string
+@description('Resource group of that account.')
+param openAiResourceGroup string
 
-@description('Key Vault (in this resource group, RBAC authorization) holding aoai-api-key, aigw-platform-key and aigw-admin-key.')
-param keyVaultName string
+@description('SHA-256 (lower-case hex) of the platform subscription key: printf %s "$KEY" | sha256sum. No key value enters the deployment.')
+param platformKeySha256 string
 
-@description('Azure Container Registry login server for the image (empty for a public image).')
-param registryServer string = ''
+@description('SHA-256 (lower-case hex) of the admin API key (/admin/chargeback); it must differ from the subscription key.')
+param adminKeySha256 string
 
-@minValue(2)
-param minReplicas int = 2
+@description('Put [redis] (the Azure Managed Redis below) into the gateway config. Leave false until the gateway speaks TLS, OSS cluster and Entra ID to Redis: today it refuses rediss:// at start-up.')
+param redisInConfig bool = false
 
-@minValue(2)
-param maxReplicas int = 10
+@description('OTLP/HTTP endpoint of an OpenTelemetry Collector that forwards to Application Insights (azuremonitor exporter), e.g. https://my-collector.example.net:4318. Empty: the OTLP export is off (/metrics still answers).')
+param otlpEndpoint string = ''
 
-// In-flight streams get this long after SIGTERM (server.shutdown-grace-secs); the platform's
-// termination grace period below is longer so a draining replica is never killed early.
-var shutdownGraceSecs = 30
-var terminationGraceSecs = shutdownGraceSecs + 15
+var tags = { 'azd-env-name': environmentName }
 
-// The gateway's configuration document, mounted as /etc/aigw/config.toml from an app secret.
-var aigwConfig = '''
-[server]
-listen = "0.0.0.0:8080"
-shutdown-grace-secs = {0}
-request-log = true
-
-[backends.aoai]
-url = "{1}"
-kind = "azure-openai"
-auth = {{ type = "api-key", env = "AOAI_API_KEY" }}
-timeout-secs = 300
-
-[[subscriptions]]
-id = "platform-admin"
-name = "Platform team"
-team = "platform"
-apis = ["*"]
-key-env = "AIGW_PLATFORM_KEY"
-
-[admin]
-key-env = "AIGW_ADMIN_KEY"
-
-[apis.aoai]
-kind = "openai"
-backend = "aoai"
-outbound = [
-  {{ policy = "set-header", name = "x-aigw-subscription", value = "{{subscription.id}}" }},
-]
-'''
-
-resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
-  name: '${name}-logs'
+resource group 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: 'rg-${environmentName}'
   location: location
-  properties: {
-    sku: { name: 'PerGB2018' }
-    retentionInDays: 30
+  tags: tags
+}
+
+module gateway 'appservice.bicep' = {
+  name: 'aigw-appservice'
+  scope: group
+  params: {
+    name: environmentName
+    location: location
+    tags: tags
+    openAiAccountName: openAiAccountName
+    openAiResourceGroup: openAiResourceGroup
+    platformKeySha256: platformKeySha256
+    adminKeySha256: adminKeySha256
+    redisInConfig: redisInConfig
+    otlpEndpoint: otlpEndpoint
   }
 }
 
-resource environment 'Microsoft.App/managedEnvironments@2024-03-01' = {
-  name: '${name}-env'
-  location: location
-  properties: {
-    appLogsConfiguration: {
-      destination: 'log-analytics'
-      logAnalyticsConfiguration: {
-        customerId: logs.properties.customerId
-        sharedKey: logs.listKeys().primarySharedKey
-      }
-    }
-    zoneRedundant: false
+// Role assignment on the Azure OpenAI account, in that account's resource group.
+module openAiRoles 'openai-role.bicep' = {
+  name: 'aigw-openai-roles'
+  scope: resourceGroup(openAiResourceGroup)
+  params: {
+    openAiAccountName: openAiAccountName
+    principalIds: [gateway.outputs.appPrincipalId, gateway.outputs.stagingPrincipalId]
   }
 }
 
-resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
-  name: '${name}-id'
-  location: location
-}
-
-resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
-  name: keyVaultName
-}
-
-// Key Vault Secrets User: read secret values (for the Key Vault references below).
-resource vaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(vault.id, identity.id, '4633458b-17de-408a-b874-0445c86b69e6')
-  scope: vault
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '4633458b-17de-408a-b874-0445c86b69e6')
-    principalId: identity.properties.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-resource app 'Microsoft.App/containerApps@2024-03-01' = {
-  name: name
-  location: location
-  identity: {
-    type: 'UserAssigned'
-    userAssignedIdentities: {
-      '${identity.id}': {}
-    }
-  }
-  dependsOn: [
-    vaultSecretsUser // the references fail until the identity may read the vault
-  ]
-  properties: {
-    managedEnvironmentId: environment.id
-    configuration: {
-      activeRevisionsMode: 'Single'
-      ingress: {
-        external: true
-        targetPort: 8080
-        transport: 'http'
-        allowInsecure: false
-      }
-      registries: empty(registryServer) ? [] : [
-        {
-          server: registryServer
-          identity: identity.id // needs AcrPull on the registry
-        }
-      ]
-      secrets: [
-        {
-          name: 'aigw-config'
-          value: format(aigwConfig, shutdownGraceSecs, azureOpenAiEndpoint)
-        }
-        {
-          name: 'aoai-api-key'
-          keyVaultUrl: '${vault.properties.vaultUri}secrets/aoai-api-key'
-          identity: identity.id
-        }
-        {
-          name: 'aigw-platform-key'
-          keyVaultUrl: '${vault.properties.vaultUri}secrets/aigw-platform-key'
-          identity: identity.id
-        }
-        {
-          name: 'aigw-admin-key'
-          keyVaultUrl: '${vault.properties.vaultUri}secrets/aigw-admin-key'
-          identity: identity.id
-        }
-      ]
-    }
-    template: {
-      terminationGracePeriodSeconds: terminationGraceSecs
-      containers: [
-        {
-          name: 'aigw'
-          image: image
-          args: [ 'serve', '--config', '/etc/aigw/config.toml' ]
-          env: [
-            { name: 'AIGW_LISTEN', value: '0.0.0.0:8080' }
-            { name: 'RUST_LOG', value: 'info' }
-            { name: 'AOAI_API_KEY', secretRef: 'aoai-api-key' }
-            { name: 'AIGW_PLATFORM_KEY', secretRef: 'aigw-platform-key' }
-            { name: 'AIGW_ADMIN_KEY', secretRef: 'aigw-admin-key' }
-          ]
-          resources: {
-            cpu: json('0.5')
-            memory: '1Gi'
-          }
-          probes: [
-            {
-              type: 'Startup'
-              httpGet: { path: '/health', port: 8080 }
-              periodSeconds: 2
-              failureThreshold: 15
-            }
-            {
-              type: 'Liveness'
-              httpGet: { path: '/health', port: 8080 }
-              periodSeconds: 10
-              timeoutSeconds: 2
-              failureThreshold: 3
-            }
-            {
-              // 503 while draining after SIGTERM, so the replica leaves the load balancer.
-              type: 'Readiness'
-              httpGet: { path: '/ready', port: 8080 }
-              periodSeconds: 5
-              timeoutSeconds: 2
-              failureThreshold: 2
-            }
-          ]
-          volumeMounts: [
-            { volumeName: 'config', mountPath: '/etc/aigw' }
-          ]
-        }
-      ]
-      volumes: [
-        {
-          name: 'config'
-          storageType: 'Secret'
-          secrets: [
-            { secretRef: 'aigw-config', path: 'config.toml' }
-          ]
-        }
-      ]
-      scale: {
-        minReplicas: minReplicas
-        maxReplicas: maxReplicas
-        rules: [
-          {
-            name: 'http-concurrency'
-            http: { metadata: { concurrentRequests: '200' } }
-          }
-        ]
-      }
-    }
-  }
-}
-
-output url string = 'https://${app.properties.configuration.ingress.fqdn}'
-output identityClientId string = identity.properties.clientId
-output identityPrincipalId string = identity.properties.principalId
+// Read by azd: where to push the image.
+output AZURE_CONTAINER_REGISTRY_ENDPOINT string = gateway.outputs.registryLoginServer
+output AZURE_RESOURCE_GROUP string = group.name
+output GATEWAY_URL string = gateway.outputs.url
+output GATEWAY_STAGING_URL string = gateway.outputs.stagingUrl
+output REDIS_HOST string = gateway.outputs.redisHost

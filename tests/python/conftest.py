@@ -60,7 +60,16 @@ def _binary(name: str) -> Path:
 class Process:
     """A child process whose stdout is drained by a thread (so it never blocks on a full pipe)."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        cwd: Path | None = None,
+        user: int | None = None,
+    ):
+        """`cwd` defaults to `log_dir`; `user` (a uid, its group too) runs the child as that user."""
         self.name = name
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.output: list[str] = []
@@ -75,7 +84,10 @@ class Process:
             text=True,
             bufsize=1,
             # Each process in a directory of its own: the embedded ledger is a file under it.
-            cwd=log_dir,
+            cwd=cwd or log_dir,
+            user=user,
+            group=None if user is None else user,
+            extra_groups=None if user is None else [],
         )
         self._reader = threading.Thread(target=self._drain, name=f"{name}-stdout", daemon=True)
         self._reader.start()
@@ -276,6 +288,18 @@ outbound = [
 """
 
 
+def gateway_url(process: Process) -> str:
+    """The http://addr an aigw process announces in its "aigw listening" log line."""
+    line = process.wait_for_line(lambda l: '"aigw listening"' in l)
+    try:
+        addr = json.loads(line)["addr"]
+    except (ValueError, KeyError):
+        match = re.search(r'"addr":"([^"]+)"', line)
+        assert match, f"no addr in the listening line: {line}"
+        addr = match.group(1)
+    return f"http://{addr}"
+
+
 def _start_gateway(
     name, backend_kind, backend_url, backend_auth, expected_auth, sim, tmp_path_factory, base_env, config=GATEWAY_CONFIG
 ):
@@ -296,14 +320,7 @@ def _start_gateway(
         env,
         work,
     )
-    line = process.wait_for_line(lambda l: '"aigw listening"' in l)
-    try:
-        addr = json.loads(line)["addr"]
-    except (ValueError, KeyError):
-        match = re.search(r'"addr":"([^"]+)"', line)
-        assert match, f"no addr in the listening line: {line}"
-        addr = match.group(1)
-    url = f"http://{addr}"
+    url = gateway_url(process)
     _wait_healthy(url + "/health")
     return Gateway(
         name=name,
